@@ -1,0 +1,75 @@
+"""``python -m bench SUBCOMMAND ...``: the benchmark command line.
+
+    python -m bench fidelity --quick --out /tmp/fid
+
+To add a subcommand, write ``bench/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int`` (and a module docstring: its first line is the ``--help`` summary), then
+add it to ``SUBCOMMANDS``.
+
+Every failure is one line on stderr, never a traceback (``SPLITSERVE_DEBUG=1`` shows one).
+Exit codes: 0 ok, 1 an error, 2 a usage error (bad option or setting), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from bench import fidelity
+from shared.errors import ConfigError, SplitServeError
+
+__all__ = ["SUBCOMMANDS", "main"]
+
+SUBCOMMANDS: dict[str, ModuleType] = {
+    "fidelity": fidelity,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="splitserve benchmarks; results go to JSON, markdown and PNG files.",
+    )
+    sub = p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for name, module in SUBCOMMANDS.items():
+        summary = (module.__doc__ or name).strip().splitlines()[0]
+        sp = sub.add_parser(
+            name,
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result: int = SUBCOMMANDS[args.subcommand].run(args)
+        return result
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ConfigError as exc:
+        return _fail(exc, code=2)
+    except (SplitServeError, OSError) as exc:
+        return _fail(exc)
+    except Exception as exc:  # the promise: no tracebacks on the command line
+        if os.environ.get("SPLITSERVE_DEBUG"):
+            raise
+        return _fail(exc, prefix="internal error: ")
+
+
+def _fail(exc: BaseException, *, code: int = 1, prefix: str = "") -> int:
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    print(f"bench: error: {prefix}{message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The splitserve cloud service: a FastAPI app that runs the tails of split models."""

@@ -1,0 +1,67 @@
+"""``python -m cloud_server --host H --port P``: the command the container and the tests run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from cloud_server.app import create_app
+from cloud_server.settings import Settings
+from shared.errors import SplitServeError
+from shared.models import get_spec
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m cloud_server",
+        description="Serve the tails of split models. Every flag also reads SPLITSERVE_<NAME>.")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="bind port (default 8000)")
+    p.add_argument("--models", help="comma-separated: name or name=/path/to/checkpoint.pth")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--threads", type=int, help="torch threads (default: follow the CPU limit)")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
+    return p.parse_args(argv)
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Environment first, flags override. Raises SplitServeError with a one-line reason."""
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise SplitServeError(f"invalid setting {field}: {err['msg']}") from exc
+    for name, weights in settings.model_weights().items():
+        get_spec(name)  # UnknownModelError names the valid ones
+        if weights is not None and not Path(weights).is_file():
+            raise SplitServeError(f"weights file for {name} not found: {weights}")
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        raise SplitServeError("--ssl-certfile and --ssl-keyfile go together")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(_parse(argv))
+    except SplitServeError as exc:
+        print(f"cloud_server: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=int(
+                    settings.graceful_shutdown_s), ssl_certfile=settings.ssl_certfile,
+                ssl_keyfile=settings.ssl_keyfile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Dynamic batching: requests for the same tail are stacked into one forward pass.
+
+One scheduler task and one compute thread serve every (model, split) key. The scheduler takes the
+key whose oldest request has waited longest, waits up to ``max_queue_delay_ms`` for the batch to
+fill (Triton's ``max_queue_delay``, Ray Serve's ``batch_wait_timeout_s``), then runs it off the
+event loop. One compute thread, not a pool: torch already spreads one forward pass over every
+core, and two passes at once would only fight for them.
+
+The queue is bounded: past ``max_queue`` waiting requests, ``submit`` raises ``OverloadedError``
+at once (the service answers 503 with ``Retry-After``) instead of letting requests time out.
+Requests whose deadline passes while queued are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import DeadlineExceededError, OverloadedError
+
+__all__ = ["BatchResult", "Batcher"]
+
+RunFn = Callable[[Hashable, tuple[torch.Tensor, ...]], torch.Tensor]
+BatchHook = Callable[[Hashable, int, float], None]  # key, batch size, compute seconds
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's rows of a batch output, with what it cost."""
+
+    output: torch.Tensor
+    queue_ms: float
+    compute_ms: float
+    batch_size: int  # requests in the forward pass that answered this one
+
+
+@dataclass
+class _Pending:
+    inputs: tuple[torch.Tensor, ...]
+    rows: int
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    deadline: float
+
+
+class Batcher:
+    """Queue, batch and run requests; see the module docstring.
+
+        >>> batcher = Batcher(run, max_batch_size=16, max_queue_delay_ms=2, max_queue=256)
+        >>> await batcher.start()
+        >>> result = await batcher.submit(("resnet18", "layer3.0"), (activation,), timeout_s=5)
+    """
+
+    def __init__(self, run: RunFn, *, max_batch_size: int, max_queue_delay_ms: float,
+                 max_queue: int, on_batch: BatchHook | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
+            raise ValueError("batch size and queue bound must be >= 1, delay >= 0")
+        self._run = run
+        self._max_rows = max_batch_size
+        self._delay_s = max_queue_delay_ms / 1e3
+        self._max_queue = max_queue
+        self._on_batch = on_batch
+        self._queues: dict[Hashable, deque[_Pending]] = {}
+        self._depth = 0
+        self._changed = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting, not yet in a forward pass."""
+        return self._depth
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._schedule(), name="batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop. Called after the server stopped taking requests."""
+        while self._depth and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, key: Hashable, inputs: tuple[torch.Tensor, ...], *,
+                     timeout_s: float) -> BatchResult:
+        """Queue ``inputs`` (batch dimension first) for ``key`` and wait for its rows."""
+        if self._depth >= self._max_queue:
+            raise OverloadedError(f"queue full ({self._max_queue} requests waiting)",
+                                  retry_after_s=max(1.0, self._delay_s * 10))
+        now = time.perf_counter()
+        item = _Pending(inputs, int(inputs[0].shape[0]), asyncio.get_running_loop().create_future(),
+                        now, now + timeout_s)
+        self._queues.setdefault(key, deque()).append(item)
+        self._depth += 1
+        self._changed.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceededError(f"no answer within {timeout_s:.3g} s") from exc
+        finally:
+            if not item.future.done():
+                item.future.cancel()  # the scheduler skips it; its queue slot frees on dequeue
+
+    async def _schedule(self) -> None:
+        while True:
+            key = self._oldest_key()
+            if key is None:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            await self._fill(key)
+            batch = self._take(key)
+            if batch:
+                await self._execute(key, batch)
+
+    def _oldest_key(self) -> Hashable | None:
+        best, best_t = None, float("inf")
+        for key, queue in self._queues.items():
+            if queue and queue[0].enqueued < best_t:
+                best, best_t = key, queue[0].enqueued
+        return best
+
+    async def _fill(self, key: Hashable) -> None:
+        """Wait until the batch for ``key`` is full or its oldest request waited long enough."""
+        queue = self._queues[key]
+        until = queue[0].enqueued + self._delay_s
+        while sum(p.rows for p in queue) < self._max_rows:
+            remaining = until - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self, key: Hashable) -> list[_Pending]:
+        queue = self._queues[key]
+        batch: list[_Pending] = []
+        rows = 0
+        now = time.perf_counter()
+        while queue and (not batch or rows + queue[0].rows <= self._max_rows):
+            item = queue.popleft()
+            self._depth -= 1
+            if item.future.done():  # the caller gave up (deadline, disconnect)
+                continue
+            if now > item.deadline:
+                item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
+                continue
+            batch.append(item)
+            rows += item.rows
+        if not queue:
+            del self._queues[key]
+        return batch
+
+    async def _execute(self, key: Hashable, batch: list[_Pending]) -> None:
+        start = time.perf_counter()
+        inputs = tuple(torch.cat(parts) if len(parts) > 1 else parts[0]
+                       for parts in zip(*(p.inputs for p in batch), strict=True))
+        loop = asyncio.get_running_loop()
+        try:
+            output = await loop.run_in_executor(self._executor, self._run, key, inputs)
+        except Exception as exc:  # a failing model must fail its requests, not the scheduler
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        compute_s = time.perf_counter() - start
+        if self._on_batch is not None:
+            self._on_batch(key, len(batch), compute_s)
+        offset = 0
+        for item in batch:
+            rows = output[offset:offset + item.rows]
+            offset += item.rows
+            if not item.future.done():
+                item.future.set_result(BatchResult(
+                    rows, (start - item.enqueued) * 1e3, compute_s * 1e3, len(batch)))

@@ -1,0 +1,95 @@
+"""One place that maps splitserve errors to HTTP statuses and ``{"error": ...}`` bodies.
+
+Bodies say what was wrong in one sentence and never carry a stack trace; unexpected errors are
+logged here with their traceback and answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from shared.errors import (
+    DeadlineExceededError,
+    FingerprintMismatchError,
+    ImageError,
+    OverloadedError,
+    PartitionError,
+    PayloadError,
+    PayloadTooLargeError,
+    SplitServeError,
+    UnknownModelError,
+    UnknownSplitPointError,
+    UnsupportedMediaTypeError,
+)
+
+__all__ = ["install_error_handlers", "status_for"]
+
+log = logging.getLogger("cloud_server")
+
+# Most specific first: the first matching class decides.
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (UnknownModelError, 404),
+    (UnknownSplitPointError, 404),
+    (PayloadTooLargeError, 413),
+    (UnsupportedMediaTypeError, 415),
+    (PayloadError, 400),
+    (ImageError, 400),
+    (FingerprintMismatchError, 409),
+    (OverloadedError, 503),
+    (DeadlineExceededError, 504),
+    (PartitionError, 500),
+)
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of an exception: 4xx for the client's errors, 5xx for ours."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    if isinstance(exc, RequestValidationError):
+        return 400
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"invalid request: {where}: {first.get('msg', 'invalid')}"
+    if isinstance(exc, HTTPException):
+        return str(exc.detail)
+    return str(exc) or type(exc).__name__
+
+
+async def _handle_splitserve(request: Request, exc: Exception) -> JSONResponse:
+    status = status_for(exc)
+    headers = {}
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    if status >= 500 and not isinstance(exc, OverloadedError | DeadlineExceededError):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": _message(exc)}, status_code=status, headers=headers)
+
+
+async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
+    headers = getattr(exc, "headers", None)
+    return JSONResponse({"error": _message(exc)}, status_code=status_for(exc), headers=headers)
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SplitServeError, _handle_splitserve)
+    app.add_exception_handler(HTTPException, _handle_http)
+    app.add_exception_handler(RequestValidationError, _handle_http)
+    app.add_exception_handler(Exception, _handle_unexpected)

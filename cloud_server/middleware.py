@@ -1,0 +1,103 @@
+"""Pure ASGI middleware that must act before a request body is read: auth and the body limit.
+
+Both are ASGI middleware rather than FastAPI dependencies because FastAPI reads and parses a
+declared body before it solves dependencies; a stranger or an oversized upload must be turned
+away before that.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Sequence
+
+from fastapi.security import HTTPBearer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import PayloadTooLargeError
+
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "OPEN_PATHS", "bearer"]
+
+# Declares the scheme in the OpenAPI schema for the routes that need a key. It checks nothing:
+# AuthMiddleware has already done that, before any body was read.
+bearer = HTTPBearer(auto_error=False, description="Required when SPLITSERVE_API_KEYS is set")
+
+# Reachable without a key: probes from orchestrators and scrapers, and the API's own docs.
+OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/openapi.json", "/redoc")
+
+
+async def send_json_error(send: Send, status: int, message: str,
+                          headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """``Authorization: Bearer <key>``: 401 when missing, 403 when wrong, compared in constant
+    time against every configured key. With no keys configured, everything is open."""
+
+    def __init__(self, app: ASGIApp, *, api_keys: Sequence[str]) -> None:
+        self.app = app
+        self._keys = [k.encode() for k in api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._keys or scope["path"].startswith(OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            await send_json_error(send, 401, "missing API key: send 'Authorization: Bearer <key>'",
+                                  [(b"www-authenticate", b'Bearer realm="splitserve"')])
+            return
+        token = token.strip()
+        # No early exit: the time taken must not say which key, or how much of one, matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(token, key)
+        if not matched:
+            await send_json_error(send, 403, "API key not accepted")
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_body_bytes``: from ``Content-Length`` before reading anything,
+    and while streaming for chunked uploads that don't declare a length."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self._limit = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await send_json_error(send, 400, "Content-Length is not an integer")
+                return
+            if length > self._limit:
+                await send_json_error(
+                    send, 413, f"body of {length} bytes exceeds the limit of {self._limit} bytes",
+                    [(b"connection", b"close")])
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._limit:
+                    raise PayloadTooLargeError(
+                        f"body exceeds the limit of {self._limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,200 @@
+"""Inference: split frames (msgpack), whole images (the `cloud` candidate), OIP JSON tensors.
+
+Every path does the same three steps: decode the body off the event loop, queue it for a batched
+forward pass, answer. Errors are raised as splitserve errors and mapped in ``errors.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Header, Query, Request, Security
+
+from cloud_server.errors import status_for
+from cloud_server.middleware import bearer
+from cloud_server.runtime import FULL, ModelRuntime
+from cloud_server.schemas import (
+    ErrorBody,
+    InferResponse,
+    OipRequest,
+    OipResponse,
+    OipTensor,
+    PredictionBody,
+    ProbeResponse,
+    TimingsBody,
+)
+from cloud_server.service import Service, ServiceDep
+from shared import wire
+from shared.errors import ShapeMismatchError, UnsupportedMediaTypeError
+from shared.predictions import top_k
+
+router = APIRouter(tags=["inference"], dependencies=[Security(bearer)])
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in [
+        (400, "Malformed frame, image or tensor"), (401, "Missing API key"),
+        (403, "Wrong API key"), (404, "Unknown model or split point"),
+        (409, "Frame made with different weights"), (413, "Body too large"),
+        (415, "Wrong Content-Type"), (503, "Queue full or still loading (see Retry-After)"),
+        (504, "Deadline passed")]}
+_MSGPACK_BODY = {"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
+    "schema": {"type": "string", "format": "binary",
+               "description": "A splitserve wire frame (see shared/wire.py)"}}}}}
+_IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}}}
+
+TopK = Annotated[int, Query(ge=1, le=1000, description="Predictions per sample")]
+TimeoutMs = Annotated[float | None, Header(
+    alias="X-Request-Timeout-Ms", gt=0,
+    description="Give up (504) if not answered within this many ms")]
+RequestId = Annotated[str | None, Header(alias="X-Request-Id", max_length=128)]
+
+
+@router.post("/v2/models/{model}/splits/{split}/infer", response_model=InferResponse,
+             responses=_ERRORS, openapi_extra=_MSGPACK_BODY)
+async def infer_split(model: str, split: str, request: Request, service: ServiceDep,
+                      top_k: TopK = 5, timeout_ms: TimeoutMs = None) -> InferResponse:
+    """Run the tail of ``split`` (a split point's name or index) on a msgpack frame."""
+    with _track(service) as labels:
+        runtime = service.runtime(model)
+        point = runtime.point(split)
+        labels.update(model=model, split=point.name)
+        _require_type(request, (wire.CONTENT_TYPE,))
+        body = await request.body()
+        service.metrics.received_bytes.labels(**labels).inc(len(body))
+        settings = service.settings
+        started = time.perf_counter()
+        frame, inputs, _ = await asyncio.to_thread(
+            runtime.decode_frame, body, point, max_frame_bytes=settings.max_body_bytes,
+            max_batch=settings.max_request_batch)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        return await _answer(service, runtime, point.name, inputs, decode_ms, frame.request_id,
+                             top_k, timeout_ms)
+
+
+@router.post("/v2/models/{model}/classify", response_model=InferResponse, responses=_ERRORS,
+             openapi_extra=_IMAGE_BODY)
+async def classify(model: str, request: Request, service: ServiceDep, top_k: TopK = 5,
+                   timeout_ms: TimeoutMs = None, x_request_id: RequestId = None
+                   ) -> InferResponse:
+    """Classify an encoded image (JPEG, PNG, WebP) with the whole model: the `cloud` candidate.
+
+    The image is resized and centre-cropped as the model expects; an image already exactly the
+    crop size is taken as cropped.
+    """
+    with _track(service) as labels:
+        runtime = service.runtime(model)
+        labels.update(model=model, split=FULL)
+        _require_type(request, IMAGE_TYPES)
+        body = await request.body()
+        service.metrics.received_bytes.labels(**labels).inc(len(body))
+        started = time.perf_counter()
+        x = await asyncio.to_thread(runtime.decode_image, body)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        return await _answer(service, runtime, FULL, (x,), decode_ms, x_request_id or "",
+                             top_k, timeout_ms, split_name="cloud")
+
+
+@router.post("/v2/models/{model}/infer", response_model=OipResponse, responses=_ERRORS)
+async def infer_oip(model: str, request: OipRequest, service: ServiceDep,
+                    timeout_ms: TimeoutMs = None) -> OipResponse:
+    """Open Inference Protocol: the whole model on one FP32 input tensor, logits out."""
+    with _track(service) as labels:
+        runtime = service.runtime(model)
+        labels.update(model=model, split=FULL)
+        started = time.perf_counter()
+        x = await asyncio.to_thread(_oip_input, request.inputs[0], runtime,
+                                    service.settings.max_request_batch)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        result = await service.submit(runtime, FULL, (x,), timeout_s=_timeout_s(service,
+                                                                                 timeout_ms))
+        runtime.observe(FULL, decode_ms + result.compute_ms / result.batch_size)
+        logits = result.output.float()
+        return OipResponse(
+            model_name=runtime.name, model_version=runtime.fingerprint, id=request.id or "",
+            outputs=[OipTensor(name="logits", shape=list(logits.shape), datatype="FP32",
+                               data=logits.flatten().tolist())])
+
+
+@router.post("/v2/models/{model}/probe", response_model=ProbeResponse, responses=_ERRORS,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}}})
+async def probe(model: str, request: Request, service: ServiceDep
+                ) -> ProbeResponse:
+    """Upload sink for the device's link estimator: reads the body, does no work."""
+    started = time.perf_counter()
+    service.runtime(model)
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+    return ProbeResponse(received_bytes=received,
+                         server_ms=(time.perf_counter() - started) * 1e3)
+
+
+async def _answer(service: Service, runtime: ModelRuntime, key: str,
+                  inputs: tuple[torch.Tensor, ...], decode_ms: float, request_id: str,
+                  k: int, timeout_ms: float | None, *, split_name: str | None = None
+                  ) -> InferResponse:
+    result = await service.submit(runtime, key, inputs, timeout_s=_timeout_s(service, timeout_ms))
+    runtime.observe(key, decode_ms + result.compute_ms / result.batch_size)
+    labels = {"model": runtime.name, "split": key}
+    service.metrics.decode_seconds.labels(**labels).observe(decode_ms / 1e3)
+    return InferResponse(
+        model_name=runtime.name, model_version=runtime.fingerprint, id=request_id,
+        split=split_name or key,
+        top_k=[[PredictionBody(index=p.index, label=p.label, prob=p.prob) for p in row]
+               for row in top_k(result.output, runtime.labels, k)],
+        timings_ms=TimingsBody(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),
+                               compute=round(result.compute_ms, 3)),
+        batch_size=result.batch_size)
+
+
+def _timeout_s(service: Service, timeout_ms: float | None) -> float:
+    limit = service.settings.request_timeout_s
+    return limit if timeout_ms is None else min(limit, timeout_ms / 1e3)
+
+
+def _require_type(request: Request, allowed: tuple[str, ...]) -> None:
+    got = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if got not in allowed:
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be {' or '.join(allowed)}, got {got or 'none'!r}")
+
+
+def _oip_input(tensor: OipTensor, runtime: ModelRuntime, max_batch: int) -> torch.Tensor:
+    expected = list(runtime.spec.input_shape[1:])
+    shape = tensor.shape
+    if len(shape) != 4 or shape[1:] != expected or not 1 <= shape[0] <= max_batch:
+        raise ShapeMismatchError(
+            f"input shape must be [N, {', '.join(map(str, expected))}] with 1 <= N <= "
+            f"{max_batch}, got {shape}")
+    try:
+        x = torch.tensor(tensor.data, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ShapeMismatchError(f"input data is not a (nested) list of numbers: {exc}") from exc
+    if x.numel() != math.prod(shape):
+        raise ShapeMismatchError(
+            f"input data has {x.numel()} values, shape {shape} needs {math.prod(shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ShapeMismatchError("input data contains NaN or infinity")
+    return x.reshape(shape)
+
+
+@contextmanager
+def _track(service: Service) -> Iterator[dict[str, str]]:
+    """Count the request by status. Handlers fill in model and split once they are resolved, so
+    names a client made up are counted as '-' and can't blow up the label space."""
+    labels = {"model": "-", "split": "-"}
+    try:
+        yield labels
+    except Exception as exc:
+        service.metrics.requests.labels(**labels, status=str(status_for(exc))).inc()
+        raise
+    service.metrics.requests.labels(**labels, status="200").inc()

@@ -1,0 +1,130 @@
+"""One served model: its weights, its split points, a tail for every one, and measured costs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from shared import codec, wire
+from shared.errors import FingerprintMismatchError, ShapeMismatchError
+from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
+from shared.partition import Partitioner, SplitPoint
+from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess, reference_photo
+from shared.timing import median_ms
+
+__all__ = ["FULL", "ModelRuntime", "load_runtime"]
+
+log = logging.getLogger("cloud_server")
+
+FULL = "full"  # batcher key of the whole model (the `cloud` candidate and OIP JSON inference)
+_EWMA_ALPHA = 0.1  # live traffic refreshes the start-up profile slowly: one outlier moves 10%
+
+
+@dataclass
+class ModelRuntime:
+    """Everything the service needs to answer for one model. Built once, in the loader thread."""
+
+    name: str
+    spec: ModelSpec
+    model: nn.Module
+    fingerprint: str
+    labels: tuple[str, ...]
+    points: list[SplitPoint]
+    tails: dict[str, fx.GraphModule]
+    partitioner: Partitioner
+    # Decode + compute at batch 1 in ms, per split point name and for FULL; profiled at start-up,
+    # then refreshed from live traffic.
+    server_ms: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def point(self, key: str) -> SplitPoint:
+        """A split point by name or index; raises UnknownSplitPointError."""
+        return self.partitioner.point(key)
+
+    def decode_frame(self, body: bytes, point: SplitPoint, *, max_frame_bytes: int,
+                     max_batch: int) -> tuple[wire.Frame, tuple[torch.Tensor, ...], int]:
+        """Parse and check a frame for ``point`` and dequantize its tensors."""
+        frame = wire.decode(body, max_frame_bytes=max_frame_bytes)
+        if frame.model != self.name:
+            raise ShapeMismatchError(f"frame is for model {frame.model!r}, sent to {self.name!r}")
+        if frame.split != point.name:
+            raise ShapeMismatchError(
+                f"frame is for split point {frame.split!r}, sent to {point.name!r}")
+        if frame.fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"frame was made with weights {frame.fingerprint}, this service serves "
+                f"{self.name} with weights {self.fingerprint}")
+        rows = wire.check_shapes(frame, point.tensors, max_batch=max_batch)
+        return frame, tuple(codec.decode_tensor(t) for t in frame.tensors), rows
+
+    def decode_image(self, body: bytes) -> torch.Tensor:
+        """An encoded image (JPEG, PNG...) to a normalized ``(1, 3, H, W)`` input."""
+        return preprocess(load_image(body), self.spec.preprocessing)
+
+    def run(self, key: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Run the tail of split point ``key``, or the whole model for FULL."""
+        module = self.model if key == FULL else self.tails[key]
+        with torch.inference_mode():
+            out = module(*inputs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{self.name} returned {type(out).__name__}, expected logits")
+        return out
+
+    def observe(self, key: str, ms: float) -> None:
+        """Fold one live request's decode + compute time into the published profile."""
+        with self._lock:
+            old = self.server_ms.get(key)
+            self.server_ms[key] = ms if old is None else old + _EWMA_ALPHA * (ms - old)
+
+    def profile(self, repeats: int) -> None:
+        """Measure decode + tail at batch 1 for every split point, and decode + model for FULL.
+
+        Inputs are the model's own activations on a real photo, encoded as the device would, so
+        decode time includes real zstd work.
+        """
+        if repeats < 1:
+            return
+        image = center_crop(reference_photo(), self.spec.preprocessing)
+        x = preprocess(image, self.spec.preprocessing)
+        jpeg = encode_jpeg(image)
+        measured = {FULL: median_ms(lambda: self.run(FULL, (self.decode_image(jpeg),)),
+                                    repeats=repeats)}
+        for point in self.points:
+            head, _ = self.partitioner.split(point)
+            with torch.inference_mode():
+                acts = head(x)
+            frame = wire.encode(wire.Frame(
+                model=self.name, fingerprint=self.fingerprint, split=point.name,
+                request_id="profile", tensors=tuple(codec.encode_tensor(a) for a in acts)))
+
+            def step(frame: bytes = frame, point: SplitPoint = point) -> None:
+                _, inputs, _ = self.decode_frame(frame, point, max_frame_bytes=len(frame) + 1,
+                                                 max_batch=1)
+                self.run(point.name, inputs)
+
+            measured[point.name] = median_ms(step, repeats=repeats)
+        with self._lock:
+            self.server_ms.update(measured)
+
+
+def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int = 5
+                 ) -> ModelRuntime:
+    """Build the model, trace it, make a tail for every split point, warm up and profile."""
+    spec = get_spec(name)
+    model = get_model(name, weights=weights)
+    example = torch.zeros(spec.input_shape)
+    part = Partitioner(model, example)
+    points = part.points
+    tails = {p.name: part.split(p)[1] for p in points}
+    labels = imagenet_labels() if spec.num_classes == 1000 else tuple(
+        f"class {i}" for i in range(spec.num_classes))
+    runtime = ModelRuntime(name=name, spec=spec, model=model, fingerprint=fingerprint(model),
+                           labels=labels, points=points, tails=tails, partitioner=part)
+    runtime.profile(profile_repeats)
+    log.info("loaded %s (weights %s): %d split points", name, runtime.fingerprint, len(points))
+    return runtime
+

@@ -1,0 +1,109 @@
+"""The service's state: loaded models, the batcher and the metrics, shared by every router."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Annotated
+
+import torch
+from fastapi import Depends, Request
+
+from cloud_server.batching import Batcher, BatchResult
+from cloud_server.metrics import Metrics
+from cloud_server.runtime import ModelRuntime, load_runtime
+from cloud_server.settings import Settings
+from shared.errors import NotReadyError, UnknownModelError
+
+__all__ = ["Loader", "Service", "ServiceDep", "get_service"]
+
+log = logging.getLogger("cloud_server")
+
+Loader = Callable[[str, str | None], ModelRuntime]
+_QUEUE_EWMA_ALPHA = 0.1
+
+
+class Service:
+    """Loads models in a background thread, so liveness answers at once and readiness says 503
+    until every model is loaded, warmed up and profiled."""
+
+    def __init__(self, settings: Settings, loader: Loader | None = None) -> None:
+        self.settings = settings
+        self.runtimes: dict[str, ModelRuntime] = {}
+        self.load_error: str | None = None
+        self.queue_ms = 0.0
+        self._ready = threading.Event()
+        self._loader = loader or (lambda name, weights: load_runtime(
+            name, weights, profile_repeats=settings.profile_repeats))
+        self.batcher = Batcher(self._run, max_batch_size=settings.max_batch_size,
+                               max_queue_delay_ms=settings.max_queue_delay_ms,
+                               max_queue=settings.max_queue, on_batch=self._on_batch)
+        self.metrics = Metrics(queue_depth=lambda: self.batcher.depth)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def start(self) -> None:
+        torch.set_num_threads(self.settings.torch_threads())
+        await self.batcher.start()
+        self._thread = threading.Thread(target=self._load_all, name="loader", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    def _load_all(self) -> None:
+        started = time.perf_counter()
+        try:
+            for name, weights in self.settings.model_weights().items():
+                self.runtimes[name] = self._loader(name, weights)
+        except Exception as exc:  # reported by /v2/health/ready; the process stays up to say so
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("loading models failed: %s", self.load_error)
+            return
+        self._ready.set()
+        log.info("ready in %.1f s: %s", time.perf_counter() - started, ", ".join(self.runtimes))
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s)
+
+    def runtime(self, name: str) -> ModelRuntime:
+        """The runtime of a served model: UnknownModelError (404) or NotReadyError (503)."""
+        if name not in self.settings.model_weights():
+            served = ", ".join(self.settings.model_weights())
+            raise UnknownModelError(f"no model {name!r}; this service serves {served}")
+        runtime = self.runtimes.get(name)
+        if runtime is None or not self.ready:
+            raise NotReadyError(f"model {name!r} is still loading", retry_after_s=2.0)
+        return runtime
+
+    async def submit(self, runtime: ModelRuntime, key: str, inputs: tuple[torch.Tensor, ...],
+                     *, timeout_s: float) -> BatchResult:
+        result = await self.batcher.submit((runtime.name, key), inputs, timeout_s=timeout_s)
+        self.queue_ms += _QUEUE_EWMA_ALPHA * (result.queue_ms - self.queue_ms)
+        labels = {"model": runtime.name, "split": key}
+        self.metrics.queue_seconds.labels(**labels).observe(result.queue_ms / 1e3)
+        return result
+
+    def _run(self, key: Hashable, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        model, split = key  # type: ignore[misc]
+        return self.runtimes[model].run(split, inputs)
+
+    def _on_batch(self, key: Hashable, size: int, compute_s: float) -> None:
+        model, split = key  # type: ignore[misc]
+        self.metrics.compute_seconds.labels(model=model, split=split).observe(compute_s)
+        self.metrics.batch_size.labels(model=model, split=split).observe(size)
+
+
+def get_service(request: Request) -> Service:
+    """FastAPI dependency: the app's Service."""
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+

@@ -1,0 +1,101 @@
+"""Service settings, read from ``SPLITSERVE_*`` environment variables (and CLI flags).
+
+Five names are fixed because operators script against them: ``SPLITSERVE_API_KEYS``,
+``SPLITSERVE_MAX_BATCH_SIZE``, ``SPLITSERVE_MAX_QUEUE_DELAY_MS``, ``SPLITSERVE_MAX_QUEUE`` and
+``SPLITSERVE_MAX_BODY_BYTES``. The README has the full table.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "cpu_limit", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set: keywords in tests, the environment in production."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITSERVE_", frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # "name" or "name=/path/to/checkpoint.pth", comma-separated in the environment.
+    models: Annotated[tuple[str, ...], NoDecode] = ("efficientnet_lite0",)
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue: int = Field(256, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)
+    max_request_batch: int = Field(16, ge=1, le=1024)  # samples in one frame
+    request_timeout_s: float = Field(30.0, gt=0)
+    threads: int = Field(0, ge=0, le=256)  # 0: follow the CPU limit (cgroup quota, affinity)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    profile_repeats: int = Field(5, ge=0, le=1000)  # start-up timing runs per split point; 0 = skip
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    graceful_shutdown_s: float = Field(30.0, ge=0)
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one_model(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("serve at least one model")
+        return value
+
+    def model_weights(self) -> dict[str, str | None]:
+        """``{name: checkpoint path or None}`` from ``models``."""
+        out: dict[str, str | None] = {}
+        for entry in self.models:
+            name, _, path = entry.partition("=")
+            out[name.strip()] = path.strip() or None
+        return out
+
+    def torch_threads(self) -> int:
+        return self.threads or cpu_limit()
+
+
+def cpu_limit() -> int:
+    """Cores this process may use: the cgroup v2/v1 CPU quota, else the affinity mask.
+
+    Containers capped with ``cpus: 2`` still see every host core in ``os.cpu_count()``; torch
+    would start that many threads and thrash, so the quota wins.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores or 1, max(1, int(quota + 0.5)))
+    return max(1, cores or 1)
+
+
+def _cgroup_quota() -> float | None:
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2: "max 100000" or "50000 100000"
+            quota, period = f.read().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as fq, \
+                open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as fp:
+            q, p = int(fq.read()), int(fp.read())
+            return None if q <= 0 else q / p
+    except (OSError, ValueError):
+        return None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment. Tests override this."""
+    return Settings()

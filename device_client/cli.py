@@ -1,0 +1,184 @@
+"""``python -m device_client {infer,demo} ...``: the device's command line.
+
+Every failure is one line on stderr and a non-zero exit, never a traceback (set
+``SPLITSERVE_DEBUG=1`` to see one). Exit codes: 0 ok, 1 an error, 2 a usage error, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from device_client.auto import AutoSplit
+from device_client.client import API_KEY_ENV, ServiceClient
+from device_client.pipeline import Device
+from device_client.plan_cmd import device_profile, run_plan, run_profile
+from device_client.results import InferenceResult
+from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared.errors import SplitServeError
+from shared.preprocess import load_image
+
+__all__ = ["main"]
+
+DEFAULT_SERVER = os.environ.get("SPLITSERVE_SERVER", "http://127.0.0.1:8000")
+DEFAULT_MODEL = "efficientnet_lite0"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m device_client",
+                                description="splitserve device client: run the head, send the "
+                                            "activation, get the answer.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    infer = sub.add_parser("infer", help="classify images, cutting the model at --split")
+    infer.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/WebP files")
+    _common(infer)
+    infer.add_argument("--split", default="auto",
+                       help="device | cloud | a split point name or index | auto (default)")
+    infer.add_argument("--json", action="store_true", help="one JSON object per image")
+    infer.add_argument("--no-fallback", action="store_true",
+                       help="fail instead of finishing locally when the service can't answer")
+
+    profile = sub.add_parser("profile", help="measure what each candidate costs on this device "
+                                             "(cached)")
+    _model_args(profile)
+    profile.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
+    profile.add_argument("--force", action="store_true", help="measure even if cached")
+    profile.add_argument("--json", action="store_true")
+
+    plan = sub.add_parser("plan", help="the planner's table: expected latency per candidate")
+    _common(plan)
+    plan.add_argument("--bandwidth-mbps", type=_positive, default=None, metavar="B",
+                      help="uplink bandwidth (default: measured against the service)")
+    plan.add_argument("--rtt-ms", type=_non_negative, default=None, metavar="R",
+                      help="round-trip time (default: measured against the service)")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--chart", metavar="FILE.png", help="draw stacked bars per candidate")
+
+    demo = sub.add_parser("demo", help="start the service on loopback and classify the "
+                                       "sample photos, split and unsplit")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--split", default=None, help="split point (default: a middle one)")
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER}")
+    p.add_argument("--api-key", default=None, help=f"default ${API_KEY_ENV}")
+    p.add_argument("--timeout", type=_positive, default=30.0, metavar="S",
+                   help="per-request deadline in seconds")
+    _model_args(p)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint path (default: the model's own weights)")
+    p.add_argument("--quantization", choices=["auto", "tensor", "channel"], default="auto",
+                   help="scale per tensor, per channel, or auto (default): per channel only "
+                        "where channel ranges differ widely")
+    p.add_argument("--zstd-level", type=int, default=3, help="1..22 (default 3)")
+    p.add_argument("--jpeg-quality", type=_quality, default=90, metavar="Q",
+                   help="JPEG quality of the `cloud` candidate, 1..100 (default 90)")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1..100, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from device_client.demo import run_demo
+
+            return run_demo(model=args.model, split=args.split)
+        runtime = DeviceRuntime(args.model, weights=args.weights)
+        options = EncodeOptions(granularity=args.quantization, zstd_level=args.zstd_level)
+        if args.command == "profile":
+            return run_profile(args, runtime, options)
+        if args.command == "plan":
+            return asyncio.run(run_plan(args, runtime, options))
+        return asyncio.run(_infer(args, runtime, options))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SplitServeError as exc:
+        return _fail(exc)
+    except Exception as exc:  # the promise: no tracebacks on the command line
+        if os.environ.get("SPLITSERVE_DEBUG"):
+            raise
+        return _fail(exc, prefix="internal error: ")
+
+
+def _fail(exc: BaseException, prefix: str = "") -> int:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"device_client: error: {prefix}{message}", file=sys.stderr)
+    return 1
+
+
+async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: EncodeOptions
+                 ) -> int:
+    failures = 0
+    needs_service = args.split != "device"
+    async with ServiceClient(args.server, api_key=args.api_key,
+                             timeout_s=args.timeout) as client:
+        auto = None
+        if args.split == "auto":
+            auto = AutoSplit(client, device_profile(runtime, options,
+                                                    jpeg_quality=args.jpeg_quality)[0])
+        device = Device(runtime, client if needs_service else None, options=options,
+                        jpeg_quality=args.jpeg_quality, timeout_s=args.timeout,
+                        fallback=not args.no_fallback, auto=auto)
+        device.resolve(args.split)  # an unknown split point fails before any image is read
+        for path in args.images:
+            try:
+                image = load_image(path)
+            except SplitServeError as exc:
+                print(f"device_client: error: {path}: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            result = await device.infer(image, split=args.split, name=str(path))
+            _print(result, runtime, args.json)
+    return 1 if failures else 0
+
+
+def _print(result: InferenceResult, runtime: DeviceRuntime, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_json()), flush=True)
+        return
+    where = f"ran={result.ran}" + (f" (fell back: {result.fallback})" if result.fallback else "")
+    print(f"{Path(result.image).name}  split={result.split}  {where}")
+    for rank, p in enumerate(result.top5, 1):
+        print(f"  {rank}. {p.label:<28} {p.prob:7.2%}  (class {p.index})")
+    t = result.timings
+    baseline = ""
+    if result.split not in ("device", "cloud"):
+        f32 = runtime.point(result.split).float32_bytes
+        baseline = f" of {f32:,} float32 ({result.bytes_sent / f32:.1%})"
+    print(f"  sent {result.bytes_sent:,} B{baseline} | head {t.head:.1f} ms, encode "
+          f"{t.encode:.1f}, network {t.network:.1f}, server {t.server:.1f}, "
+          f"{'tail ' + format(t.tail, '.1f') + ', ' if t.tail else ''}total {t.total:.1f} ms",
+          flush=True)

@@ -1,0 +1,168 @@
+"""The HTTP side of the device: one keep-alive connection to the service, errors translated.
+
+Async at the core (``ServiceClient``). It takes an httpx transport, so unit tests run it against
+the app in-process (``httpx.ASGITransport``) and integration tests against a real uvicorn.
+Every httpx error becomes a splitserve error here: ``ServiceUnavailableError`` when the device
+may fall back (connect error, timeout, 5xx, 503), ``ServiceRejectedError`` / ``AuthError`` when
+the request itself is wrong (4xx).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from shared.errors import (
+    AuthError,
+    ServiceRejectedError,
+    ServiceUnavailableError,
+)
+from shared.predictions import Prediction
+from shared.wire import CONTENT_TYPE
+
+__all__ = ["API_KEY_ENV", "Reply", "ServiceClient"]
+
+API_KEY_ENV = "SPLITSERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the service answered to one inference request, and how long the round trip took."""
+
+    predictions: tuple[Prediction, ...]
+    decode_ms: float
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+    round_trip_ms: float
+    bytes_sent: int
+
+    @property
+    def server_ms(self) -> float:
+        return self.decode_ms + self.queue_ms + self.compute_ms
+
+    @property
+    def network_ms(self) -> float:
+        """Round trip minus the server's own time: what the link cost."""
+        return max(0.0, self.round_trip_ms - self.server_ms)
+
+
+class ServiceClient:
+    """Talks to one splitserve service over one pooled connection.
+
+        >>> async with ServiceClient("http://127.0.0.1:8000") as client:
+        ...     meta = await client.metadata("efficientnet_lite0")
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None, timeout_s: float = 30.0,
+                 verify: Any = True) -> None:
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, transport=transport, verify=verify,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4))
+
+    async def __aenter__(self) -> ServiceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def ready(self) -> bool:
+        try:
+            response = await self._http.get("/v2/health/ready")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def metadata(self, model: str) -> dict[str, Any]:
+        response = await self._request("GET", f"/v2/models/{model}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def infer_split(self, model: str, split: str, frame: bytes, *,
+                          timeout_s: float | None = None, top_k: int = 5) -> Reply:
+        """POST a wire frame to the tail of ``split``."""
+        return await self._infer(f"/v2/models/{model}/splits/{split}/infer", frame,
+                                 CONTENT_TYPE, timeout_s, top_k)
+
+    async def classify(self, model: str, image: bytes, *, timeout_s: float | None = None,
+                       top_k: int = 5, content_type: str = "image/jpeg") -> Reply:
+        """POST an encoded image to the whole model (the `cloud` candidate)."""
+        return await self._infer(f"/v2/models/{model}/classify", image, content_type,
+                                 timeout_s, top_k)
+
+    async def probe(self, model: str, payload: bytes, *, timeout_s: float | None = None
+                    ) -> tuple[float, float]:
+        """Upload ``payload`` to the probe sink: (round trip ms, server ms)."""
+        started = time.perf_counter()
+        response = await self._request(
+            "POST", f"/v2/models/{model}/probe", content=payload, timeout_s=timeout_s,
+            headers={"Content-Type": "application/octet-stream"})
+        round_trip_ms = (time.perf_counter() - started) * 1e3
+        return round_trip_ms, float(response.json().get("server_ms", 0.0))
+
+    async def _infer(self, path: str, body: bytes, content_type: str, timeout_s: float | None,
+                     top_k: int) -> Reply:
+        headers = {"Content-Type": content_type}
+        if timeout_s is not None:
+            headers["X-Request-Timeout-Ms"] = f"{timeout_s * 1e3:.0f}"
+        started = time.perf_counter()
+        response = await self._request("POST", path, content=body, headers=headers,
+                                       params={"top_k": top_k}, timeout_s=timeout_s)
+        round_trip_ms = (time.perf_counter() - started) * 1e3
+        try:
+            data = response.json()
+            timings = data["timings_ms"]
+            predictions = tuple(Prediction(int(p["index"]), str(p["label"]), float(p["prob"]))
+                                for p in data["top_k"][0])
+            return Reply(predictions, float(timings["decode"]), float(timings["queue"]),
+                         float(timings["compute"]), int(data["batch_size"]), round_trip_ms,
+                         len(body))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ServiceUnavailableError(f"malformed answer from {self.base_url}: {exc}",
+                                          status=response.status_code,
+                                          reason="bad_response") from exc
+
+    async def _request(self, method: str, path: str, *, timeout_s: float | None = None,
+                       **kwargs: Any) -> httpx.Response:
+        if timeout_s is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ServiceUnavailableError(f"{self.base_url} did not answer in time",
+                                          reason="timeout") from exc
+        except httpx.TransportError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise ServiceUnavailableError(f"cannot reach {self.base_url}: {detail}",
+                                          reason="connection") from exc
+        if response.status_code < 400:
+            return response
+        message = _error_message(response)
+        status = response.status_code
+        if status in (401, 403):
+            raise AuthError(f"{self.base_url} refused the API key ({status}): {message}",
+                            status=status)
+        if status >= 500:
+            reason = "overloaded" if status == 503 else f"http_{status}"
+            raise ServiceUnavailableError(f"{self.base_url} answered {status}: {message}",
+                                          status=status, reason=reason)
+        raise ServiceRejectedError(f"{self.base_url} answered {status}: {message}", status=status)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase

@@ -1,0 +1,168 @@
+"""One image through the device: preprocess, pick where to cut, run the head, send, answer.
+
+``Device`` is async because the HTTP client is; compute runs inline (the device does one thing at
+a time). When the service can't answer (connection error, timeout, 5xx, 503) and fallback is on,
+the device finishes locally from the activation it already has: the head is never run twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+
+import torch
+from PIL import Image
+
+from device_client.auto import AutoSplit
+from device_client.client import Reply, ServiceClient
+from device_client.results import InferenceResult, Ran, Timings
+from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared.errors import ConfigError, ServiceUnavailableError
+from shared.partition import SplitPoint
+from shared.predictions import Prediction, top_k
+from shared.preprocess import center_crop, encode_jpeg, to_tensor
+
+__all__ = ["DEVICE", "CLOUD", "AUTO", "Device"]
+
+DEVICE, CLOUD, AUTO = "device", "cloud", "auto"
+
+
+class Device:
+    """The device side of splitserve for one model and one service.
+
+        >>> async with ServiceClient(url) as client:
+        ...     device = Device(DeviceRuntime("efficientnet_lite0"), client)
+        ...     result = await device.infer(load_image("cat.jpg"), split="_blocks.5")
+    """
+
+    def __init__(self, runtime: DeviceRuntime, client: ServiceClient | None, *,
+                 options: EncodeOptions | None = None, jpeg_quality: int = 90,
+                 timeout_s: float = 30.0, fallback: bool = True,
+                 auto: AutoSplit | None = None) -> None:
+        self.runtime = runtime
+        self.client = client
+        self.auto = auto
+        self.options = options or EncodeOptions()
+        self.jpeg_quality = jpeg_quality
+        self.timeout_s = timeout_s
+        self.fallback = fallback
+        self._checked = False
+
+    async def check_service(self) -> None:
+        """Fail early and clearly if the service serves different weights or split points."""
+        if self._checked or self.client is None:
+            return
+        meta = await self.client.metadata(self.runtime.name)
+        if meta.get("fingerprint") != self.runtime.fingerprint:
+            raise ConfigError(
+                f"the service's {self.runtime.name} weights ({meta.get('fingerprint')}) differ "
+                f"from this device's ({self.runtime.fingerprint}); deploy the same checkpoint")
+        self._checked = True
+
+    def resolve(self, split: str) -> str:
+        """``device``, ``cloud``, ``auto`` or a split point name, from what the user asked for.
+
+        Raises ``UnknownSplitPointError`` or ``ConfigError`` before any work is done."""
+        if split == AUTO and (self.auto is None or self.client is None):
+            raise ConfigError("--split auto needs a service and a device profile")
+        if split in (DEVICE, CLOUD, AUTO):
+            return split
+        return self.runtime.point(split).name
+
+    async def infer(self, image: Image.Image, *, split: str, name: str = "") -> InferenceResult:
+        """Classify one image, cutting the network at ``split`` (``auto``: the planner's pick)."""
+        chosen = self.resolve(split)
+        predicted_ms = None
+        if chosen == AUTO:
+            assert self.auto is not None
+            plan = await self.auto.plan()
+            chosen, predicted_ms = plan.chosen, plan.estimate(plan.chosen).total_ms
+        result = await self._run(image, chosen, name, split)
+        if self.auto is not None:
+            self.auto.observe(result)
+        return replace(result, predicted_ms=predicted_ms) if predicted_ms is not None else result
+
+    async def _run(self, image: Image.Image, chosen: str, name: str, requested: str
+                   ) -> InferenceResult:
+        crop = center_crop(image, self.runtime.spec.preprocessing)
+        if chosen == DEVICE:
+            return self._local(crop, name, requested)
+        if self.client is None:
+            raise ConfigError(f"split {requested!r} needs a service; pass --server")
+        await self.check_service()
+        if chosen == CLOUD:
+            return await self._cloud(crop, name, requested)
+        return await self._split(crop, self.runtime.point(chosen), name, requested)
+
+    def _local(self, crop: Image.Image, name: str, requested: str) -> InferenceResult:
+        x = to_tensor(crop, self.runtime.spec.preprocessing)
+        started = time.perf_counter()
+        logits = self.runtime.run_full(x)
+        head_ms = (time.perf_counter() - started) * 1e3
+        return InferenceResult(name, DEVICE, DEVICE, self._top5(logits), 0,
+                               Timings(head=head_ms, total=head_ms), requested)
+
+    async def _cloud(self, crop: Image.Image, name: str, requested: str) -> InferenceResult:
+        started = time.perf_counter()
+        jpeg = encode_jpeg(crop, quality=self.jpeg_quality)
+        encode_ms = (time.perf_counter() - started) * 1e3
+        assert self.client is not None
+        try:
+            reply = await self.client.classify(self.runtime.name, jpeg, timeout_s=self.timeout_s)
+        except ServiceUnavailableError as exc:
+            if not self.fallback:
+                raise
+            x = to_tensor(crop, self.runtime.spec.preprocessing)
+            tail_started = time.perf_counter()
+            logits = self.runtime.run_full(x)
+            tail_ms = (time.perf_counter() - tail_started) * 1e3
+            return self._fell_back(name, CLOUD, requested, logits, len(jpeg), started,
+                                   Timings(encode=encode_ms, tail=tail_ms), exc)
+        return self._answered(name, CLOUD, CLOUD, requested, reply, 0.0, encode_ms, started)
+
+    async def _split(self, crop: Image.Image, point: SplitPoint, name: str, requested: str
+                     ) -> InferenceResult:
+        x = to_tensor(crop, self.runtime.spec.preprocessing)
+        started = time.perf_counter()
+        acts = self.runtime.run_head(point, x)
+        head_done = time.perf_counter()
+        frame = self.runtime.encode(point, acts, uuid.uuid4().hex[:16], self.options)
+        encoded = time.perf_counter()
+        head_ms, encode_ms = (head_done - started) * 1e3, (encoded - head_done) * 1e3
+        assert self.client is not None
+        try:
+            reply = await self.client.infer_split(self.runtime.name, point.name, frame,
+                                                  timeout_s=self.timeout_s)
+        except ServiceUnavailableError as exc:
+            if not self.fallback:
+                raise
+            tail_started = time.perf_counter()
+            logits = self.runtime.run_tail(point, acts)
+            tail_ms = (time.perf_counter() - tail_started) * 1e3
+            return self._fell_back(name, point.name, requested, logits, len(frame), started,
+                                   Timings(head=head_ms, encode=encode_ms, tail=tail_ms), exc)
+        return self._answered(name, point.name, "split", requested, reply, head_ms, encode_ms,
+                              started)
+
+    def _answered(self, name: str, split: str, ran: Ran, requested: str, reply: Reply,
+                  head_ms: float, encode_ms: float, started: float) -> InferenceResult:
+        total_ms = (time.perf_counter() - started) * 1e3
+        timings = Timings(head=head_ms, encode=encode_ms, network=reply.network_ms,
+                          server=reply.server_ms, total=total_ms)
+        return InferenceResult(name, split, ran, reply.predictions, reply.bytes_sent, timings,
+                               requested)
+
+    def _fell_back(self, name: str, split: str, requested: str, logits: torch.Tensor,
+                   bytes_sent: int, started: float, partial: Timings,
+                   exc: ServiceUnavailableError) -> InferenceResult:
+        total_ms = (time.perf_counter() - started) * 1e3
+        timings = Timings(head=partial.head, encode=partial.encode, tail=partial.tail,
+                          network=max(0.0, total_ms - partial.head - partial.encode
+                                      - partial.tail), total=total_ms)
+        return InferenceResult(name, split, DEVICE, self._top5(logits), bytes_sent, timings,
+                               requested, fallback=f"{exc.reason}: {exc}")
+
+    def _top5(self, logits: torch.Tensor) -> tuple[Prediction, ...]:
+        return top_k(logits, self.runtime.labels, 5)[0]
+

@@ -1,0 +1,1 @@
+"""splitserve's core: models, preprocessing, partitioning, codec and wire format, no I/O."""

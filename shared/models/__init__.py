@@ -1,0 +1,38 @@
+"""The models splitserve can split, by name, with their preprocessing and weights.
+
+    >>> from shared.models import get_model, get_spec, imagenet_labels
+    >>> model = get_model("efficientnet_lite0")             # eval mode, ImageNet weights
+    >>> logits = model(get_spec("efficientnet_lite0").example_input())
+    >>> imagenet_labels()[int(logits.argmax())]
+
+Builders (``efficientnet_lite0``, ``mobilenet_v2``, ``resnet18``) return random-weight modules,
+torchvision style; ``get_model`` is the way to get one with known weights.
+"""
+
+from shared.models.efficientnet_lite import efficientnet_lite0
+from shared.models.mobilenetv2 import mobilenet_v2
+from shared.models.registry import (
+    ModelSpec,
+    Weights,
+    fingerprint,
+    get_model,
+    get_spec,
+    imagenet_labels,
+    list_models,
+    register_model,
+)
+from shared.models.resnet import resnet18
+
+__all__ = [
+    "ModelSpec",
+    "Weights",
+    "efficientnet_lite0",
+    "fingerprint",
+    "get_model",
+    "get_spec",
+    "imagenet_labels",
+    "list_models",
+    "mobilenet_v2",
+    "register_model",
+    "resnet18",
+]
