@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         app.include_router(module.router)
     install_error_handlers(app)
     # Added last runs first: auth, then the body limit, then the app.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.request_timeout_s)
     app.add_middleware(AuthMiddleware,
                        api_keys=[k.get_secret_value() for k in settings.api_keys])
     return app

@@ -7,6 +7,7 @@ away before that.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import PayloadTooLargeError
+from shared.errors import PayloadTooLargeError, RequestTimeoutError
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware", "OPEN_PATHS", "bearer"]
 
@@ -66,11 +67,14 @@ class AuthMiddleware:
 
 class BodyLimitMiddleware:
     """413 for bodies over ``max_body_bytes``: from ``Content-Length`` before reading anything,
-    and while streaming for chunked uploads that don't declare a length."""
+    and while streaming for chunked uploads that don't declare a length. 408 for a body that
+    doesn't arrive within ``body_timeout_s``, so a client trickling bytes can't hold a request
+    (and its memory) open forever."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self._limit = max_body_bytes
+        self._timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,15 +93,26 @@ class BodyLimitMiddleware:
                     [(b"connection", b"close")])
                 return
         received = 0
+        deadline: float | None = None
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, body_done
+            if body_done:  # later receives wait for a disconnect: no limit applies to those
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self._timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError as exc:
+                raise RequestTimeoutError(
+                    f"request body not received within {self._timeout_s:g} s") from exc
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self._limit:
-                    raise PayloadTooLargeError(
-                        f"body exceeds the limit of {self._limit} bytes")
+                    raise PayloadTooLargeError(f"body exceeds the limit of {self._limit} bytes")
             return message
 
         await self.app(scope, limited_receive, send)

@@ -80,19 +80,33 @@ def cpu_limit() -> int:
 
 
 def _cgroup_quota() -> float | None:
+    """CPUs allowed by this process's own cgroup (v2 ``cpu.max`` or v1 CFS quota), or None."""
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:  # cgroup v2: "max 100000" or "50000 100000"
-            quota, period = f.read().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as fq, \
-                open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as fp:
-            q, p = int(fq.read()), int(fp.read())
-            return None if q <= 0 else q / p
-    except (OSError, ValueError):
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
         return None
+    for _, controllers, path in entries:
+        rel = path.lstrip("/")
+        try:
+            if controllers == "":  # cgroup v2: "0::/path", quota as "max 100000" or "50000 100000"
+                for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                    cpu_max = os.path.join(root, rel, "cpu.max")
+                    if os.path.exists(cpu_max):
+                        with open(cpu_max) as f:
+                            quota, period = f.read().split()[:2]
+                        return None if quota == "max" else int(quota) / int(period)
+            elif "cpu" in controllers.split(","):  # cgroup v1: cfs_quota_us is -1 when unlimited
+                base = os.path.join("/sys/fs/cgroup", controllers, rel)
+                if not os.path.isdir(base):
+                    base = os.path.join("/sys/fs/cgroup/cpu", rel)
+                with open(os.path.join(base, "cpu.cfs_quota_us")) as fq, \
+                        open(os.path.join(base, "cpu.cfs_period_us")) as fp:
+                    q, p = int(fq.read()), int(fp.read())
+                return None if q <= 0 else q / p
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 @lru_cache

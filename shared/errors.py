@@ -20,6 +20,7 @@ in one exception handler; the device CLI turns each into a one-line message.
     │   │   └── VersionError         frame written by an unknown wire version
     │   ├── ShapeMismatchError       tensors don't fit the split point
     │   ├── PayloadTooLargeError     over a size limit, checked before work  (HTTP 413)
+    │   ├── RequestTimeoutError      the body took too long to arrive    (HTTP 408)
     │   └── UnsupportedMediaTypeError  wrong Content-Type                   (HTTP 415)
     ├── FingerprintMismatchError     frame's weights differ from the server's (HTTP 409)
     ├── OverloadedError              queue full; retry later             (HTTP 503)
@@ -48,6 +49,7 @@ __all__ = [
     "PartitionError",
     "PayloadError",
     "PayloadTooLargeError",
+    "RequestTimeoutError",
     "ServiceRejectedError",
     "ServiceUnavailableError",
     "ShapeMismatchError",
@@ -119,6 +121,10 @@ class ShapeMismatchError(PayloadError):
 
 class PayloadTooLargeError(PayloadError):
     """A body, a frame or a decompressed tensor exceeds its limit."""
+
+
+class RequestTimeoutError(PayloadError):
+    """The request body did not arrive within the service's time limit."""
 
 
 class UnsupportedMediaTypeError(PayloadError):

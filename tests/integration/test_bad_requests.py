@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -89,21 +91,28 @@ def test_oversized_body_is_refused_before_it_is_read(
     assert httpx.get(f"{live_service.url}/v2/health/ready").status_code == 200
 
 
-def test_chunked_upload_over_the_limit_is_refused(split: str) -> None:
-    """Without a Content-Length the limit applies while streaming."""
-    with LocalService(
-        models=[MODEL],
-        env={"SPLITSERVE_MAX_BODY_BYTES": "65536", "SPLITSERVE_PROFILE_REPEATS": "0"},
-    ) as service:
+def test_chunked_upload_over_the_limit_and_a_trickled_body_are_refused(split: str) -> None:
+    """Without a Content-Length the size limit applies while streaming; a body that never
+    finishes arriving gets 408 when the request timeout passes."""
+    env = {"SPLITSERVE_MAX_BODY_BYTES": "65536", "SPLITSERVE_PROFILE_REPEATS": "0",
+           "SPLITSERVE_REQUEST_TIMEOUT_S": "1"}
+    with LocalService(models=[MODEL], env=env) as service:
 
-        def chunks() -> object:
+        def chunks() -> Iterator[bytes]:
             for _ in range(64):
                 yield b"\x00" * 4096
 
-        r = httpx.post(
-            f"{service.url}/v2/models/{MODEL}/splits/{split}/infer",
-            content=chunks(),
-            headers=MSGPACK,
-        )  # type: ignore[arg-type]
+        r = httpx.post(f"{service.url}/v2/models/{MODEL}/splits/{split}/infer",
+                       content=chunks(), headers=MSGPACK)
         assert r.status_code == 413 and "limit" in r.json()["error"]
+
+        parts = urlsplit(service.url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall((f"POST /v2/models/{MODEL}/splits/{split}/infer HTTP/1.1\r\n"
+                          f"Host: x\r\nContent-Type: {wire.CONTENT_TYPE}\r\n"
+                          "Content-Length: 1000\r\n\r\n").encode() + b"\x00" * 10)
+            started = time.monotonic()
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 408"), head[:80]
+        assert time.monotonic() - started < 5
         assert httpx.get(f"{service.url}/v2/health/ready").status_code == 200
