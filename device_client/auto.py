@@ -8,6 +8,7 @@ The planner's hysteresis keeps the choice from flapping between near-equal candi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -40,8 +41,8 @@ class AutoSplit:
 
     def __init__(self, client: ServiceClient, profile: DeviceProfile, *,
                  estimator: LinkEstimator | None = None, hysteresis: float = 0.1,
-                 metadata_ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 metadata_ttl_s: float = 30.0, timeout_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.profile = profile
         self.estimator = estimator or LinkEstimator(clock=clock)
@@ -52,6 +53,7 @@ class AutoSplit:
         self._server: ServerProfile | None = None
         self._server_at = -float("inf")
         self._ttl_s = metadata_ttl_s
+        self._timeout_s = timeout_s  # planning must not hang on a stalled service
         self._clock = clock
 
     async def plan(self) -> Plan:
@@ -83,8 +85,10 @@ class AutoSplit:
     async def _server_profile(self) -> ServerProfile | None:
         if self._server is None or self._clock() - self._server_at > self._ttl_s:
             try:
-                meta = await self.client.metadata(self.profile.model)
-            except ServiceUnavailableError:
+                meta = await asyncio.wait_for(
+                    self.client.metadata(self.profile.model, timeout_s=self._timeout_s),
+                    self._timeout_s)
+            except (ServiceUnavailableError, TimeoutError):
                 self._server = None
                 return None
             self._server = ServerProfile.from_metadata(meta)
@@ -95,8 +99,9 @@ class AutoSplit:
         link = self.estimator.estimate()
         if link is None:
             try:
-                link = await probe(self.client, self.profile.model, self.estimator)
-            except ServiceUnavailableError:
+                link = await asyncio.wait_for(
+                    probe(self.client, self.profile.model, self.estimator), self._timeout_s)
+            except (ServiceUnavailableError, TimeoutError):
                 return None
         return link
 

@@ -85,8 +85,8 @@ class ServiceClient:
             return False
         return response.status_code == 200
 
-    async def metadata(self, model: str) -> dict[str, Any]:
-        response = await self._request("GET", f"/v2/models/{model}")
+    async def metadata(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        response = await self._request("GET", f"/v2/models/{model}", timeout_s=timeout_s)
         body: dict[str, Any] = response.json()
         return body
 

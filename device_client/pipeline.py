@@ -80,7 +80,9 @@ class Device:
         """Classify one image, cutting the network at ``split`` (``auto``: the planner's pick)."""
         chosen = self.resolve(split)
         predicted_ms = None
-        if chosen == AUTO:
+        if chosen == AUTO and self.breaker.state == "open":
+            chosen = DEVICE  # the service is known to be down: don't even plan against it
+        elif chosen == AUTO:
             assert self.auto is not None
             plan = await self.auto.plan()
             chosen, predicted_ms = plan.chosen, plan.estimate(plan.chosen).total_ms

@@ -101,3 +101,24 @@ def test_no_fallback_raises_and_4xx_is_not_a_fallback(
         asyncio.run(run("connect", False))
     with pytest.raises(AuthError):
         asyncio.run(run("403", True))
+
+
+def test_auto_against_a_dead_or_stalled_service_runs_locally(
+        device_runtime: DeviceRuntime, photos: dict[str, Image.Image],
+        local_top1: dict[str, int]) -> None:
+    from device_client.auto import AutoSplit
+    from shared.planner import CLOUD, DEVICE, DeviceCost, DeviceProfile
+
+    profile = DeviceProfile(device_runtime.name, device_runtime.fingerprint, (
+        DeviceCost(DEVICE, 500.0, 0.0, 0), DeviceCost(CLOUD, 0.0, 1.0, 20_000)))
+
+    async def run(kind: str) -> object:
+        async with ServiceClient("http://s.test", transport=_transport(kind)) as client:
+            auto = AutoSplit(client, profile, timeout_s=0.3)
+            device = Device(device_runtime, client, auto=auto, timeout_s=0.3)
+            return await device.infer(photos["coffee"], split="auto")
+
+    for kind in ("connect", "stall"):
+        result = asyncio.run(run(kind))
+        assert result.split == "device" and result.ran == "device"  # type: ignore[attr-defined]
+        assert result.top5[0].index == local_top1["coffee"]  # type: ignore[attr-defined]
