@@ -1,6 +1,7 @@
 """``python -m bench SUBCOMMAND ...``: the benchmark command line.
 
     python -m bench fidelity --quick --out /tmp/fid
+    python -m bench latency --quick --out /tmp/lat
 
 To add a subcommand, write ``bench/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int`` (and a module docstring: its first line is the ``--help`` summary), then
@@ -18,13 +19,16 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from bench import fidelity
+from bench import fidelity, latency, reliability, service
 from shared.errors import ConfigError, SplitServeError
 
 __all__ = ["SUBCOMMANDS", "main"]
 
 SUBCOMMANDS: dict[str, ModuleType] = {
     "fidelity": fidelity,
+    "latency": latency,
+    "reliability": reliability,
+    "service": service,
 }
 
 

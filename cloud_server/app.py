@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from cloud_server.errors import install_error_handlers
 from cloud_server.middleware import AuthMiddleware, BodyLimitMiddleware
@@ -40,9 +42,29 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     for module in (health, models, infer, metrics):
         app.include_router(module.router)
     install_error_handlers(app)
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     # Added last runs first: auth, then the body limit, then the app.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.request_timeout_s)
     app.add_middleware(AuthMiddleware,
                        api_keys=[k.get_secret_value() for k in settings.api_keys])
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents a 422 for every route with parameters; this service answers bad
+    parameters with 400 and ``{"error": ...}`` (see errors.py), so the schema says that."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {"description": "Invalid request",
+                                        "content": {"application/json": {"schema": {
+                                            "$ref": "#/components/schemas/ErrorBody"}}}}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

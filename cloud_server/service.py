@@ -15,7 +15,7 @@ from cloud_server.batching import Batcher, BatchResult
 from cloud_server.metrics import Metrics
 from cloud_server.runtime import ModelRuntime, load_runtime
 from cloud_server.settings import Settings
-from shared.errors import NotReadyError, UnknownModelError
+from shared.errors import NotReadyError, OverloadedError, UnknownModelError
 
 __all__ = ["Loader", "Service", "ServiceDep", "get_service"]
 
@@ -81,6 +81,13 @@ class Service:
             raise NotReadyError(f"model {name!r} is still loading", retry_after_s=2.0)
         return runtime
 
+    def admit(self) -> None:
+        """Refuse at once when the queue is full: before the body is read and decoded, so a
+        rejected request costs next to nothing. ``submit`` checks again (the body takes time)."""
+        if self.batcher.depth >= self.settings.max_queue:
+            raise OverloadedError(f"queue full ({self.settings.max_queue} requests waiting)",
+                                  retry_after_s=1.0)
+
     async def submit(self, runtime: ModelRuntime, key: str, inputs: tuple[torch.Tensor, ...],
                      *, timeout_s: float) -> BatchResult:
         result = await self.batcher.submit((runtime.name, key), inputs, timeout_s=timeout_s)
@@ -99,8 +106,8 @@ class Service:
         self.metrics.batch_size.labels(model=model, split=split).observe(size)
 
 
-def get_service(request: Request) -> Service:
-    """FastAPI dependency: the app's Service."""
+async def get_service(request: Request) -> Service:
+    """FastAPI dependency: the app's Service. Async so FastAPI doesn't hop to a thread for it."""
     service: Service = request.app.state.service
     return service
 

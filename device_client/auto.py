@@ -41,7 +41,7 @@ class AutoSplit:
 
     def __init__(self, client: ServiceClient, profile: DeviceProfile, *,
                  estimator: LinkEstimator | None = None, hysteresis: float = 0.1,
-                 metadata_ttl_s: float = 30.0, timeout_s: float = 5.0,
+                 metadata_ttl_s: float = 30.0, timeout_s: float = 5.0, reprobe_s: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.profile = profile
@@ -54,6 +54,8 @@ class AutoSplit:
         self._server_at = -float("inf")
         self._ttl_s = metadata_ttl_s
         self._timeout_s = timeout_s  # planning must not hang on a stalled service
+        self._reprobe_s = reprobe_s
+        self._probed_at = -float("inf")
         self._clock = clock
 
     async def plan(self) -> Plan:
@@ -98,11 +100,21 @@ class AutoSplit:
     async def _link(self) -> LinkEstimate | None:
         link = self.estimator.estimate()
         if link is None:
+            # Running on the device sends nothing, so the estimate ages out every max_age_s and
+            # each expiry would cost a probe (~1 s on 3G). While on the device, plan with the
+            # last estimate and re-probe only every reprobe_s.
+            stale = self.estimator.last_estimate()
+            if (stale is not None and self.current == DEVICE
+                    and self._clock() - self._probed_at < self._reprobe_s):
+                return stale
+            self._probed_at = self._clock()
             try:
                 link = await asyncio.wait_for(
                     probe(self.client, self.profile.model, self.estimator), self._timeout_s)
             except (ServiceUnavailableError, TimeoutError):
+                self.estimator.probe_failed = True  # next time, a probe that fits
                 return None
+            self.estimator.probe_failed = link is None
         return link
 
 

@@ -14,12 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from device_client.auto import AutoSplit
-from device_client.client import API_KEY_ENV, ServiceClient
+from device_client.client import API_KEY_ENV, ServiceClient, tls_verify
 from device_client.pipeline import Device
 from device_client.plan_cmd import device_profile, run_plan, run_profile
 from device_client.results import InferenceResult
 from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared.cpu import cpu_limit
 from shared.errors import SplitServeError
 from shared.preprocess import load_image
 
@@ -72,6 +75,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help=f"default ${API_KEY_ENV}")
     p.add_argument("--timeout", type=_positive, default=30.0, metavar="S",
                    help="per-request deadline in seconds")
+    p.add_argument("--ca-cert", default=None, metavar="PEM",
+                   help="trust this CA certificate for an https --server (e.g. a self-signed one)")
     _model_args(p)
 
 
@@ -115,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from device_client.demo import run_demo
 
             return run_demo(model=args.model, split=args.split)
+        if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
+            torch.set_num_threads(cpu_limit())  # the board's share of CPU, not every core seen
         runtime = DeviceRuntime(args.model, weights=args.weights)
         options = EncodeOptions(granularity=args.quantization, zstd_level=args.zstd_level)
         if args.command == "profile":
@@ -143,8 +150,8 @@ async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: Enco
                  ) -> int:
     failures = 0
     needs_service = args.split != "device"
-    async with ServiceClient(args.server, api_key=args.api_key,
-                             timeout_s=args.timeout) as client:
+    async with ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout,
+                             verify=tls_verify(args.ca_cert)) as client:
         auto = None
         if args.split == "auto":
             auto = AutoSplit(client, device_profile(runtime, options,

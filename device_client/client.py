@@ -10,6 +10,7 @@ the request itself is wrong (4xx).
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,14 @@ import httpx
 
 from shared.errors import (
     AuthError,
+    ConfigError,
     ServiceRejectedError,
     ServiceUnavailableError,
 )
 from shared.predictions import Prediction
 from shared.wire import CONTENT_TYPE
 
-__all__ = ["API_KEY_ENV", "Reply", "ServiceClient"]
+__all__ = ["API_KEY_ENV", "Reply", "ServiceClient", "tls_verify"]
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
 
@@ -64,6 +66,13 @@ class ServiceClient:
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.base_url = base_url.rstrip("/")
+        # A typo in the URL must fail now, not read as "service down" and fall back forever.
+        try:
+            url = httpx.URL(self.base_url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ConfigError(f"invalid service URL {base_url!r}: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(f"invalid service URL {base_url!r}: expected http(s)://host[:port]")
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, transport=transport, verify=verify,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
@@ -87,7 +96,9 @@ class ServiceClient:
 
     async def metadata(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:
         response = await self._request("GET", f"/v2/models/{model}", timeout_s=timeout_s)
-        body: dict[str, Any] = response.json()
+        body = self._json(response)
+        if not isinstance(body, dict):
+            raise self._malformed(response, "metadata is not a JSON object")
         return body
 
     async def infer_split(self, model: str, split: str, frame: bytes, *,
@@ -110,7 +121,11 @@ class ServiceClient:
             "POST", f"/v2/models/{model}/probe", content=payload, timeout_s=timeout_s,
             headers={"Content-Type": "application/octet-stream"})
         round_trip_ms = (time.perf_counter() - started) * 1e3
-        return round_trip_ms, float(response.json().get("server_ms", 0.0))
+        body = self._json(response)
+        try:
+            return round_trip_ms, float(body.get("server_ms", 0.0))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise self._malformed(response, exc) from exc
 
     async def _infer(self, path: str, body: bytes, content_type: str, timeout_s: float | None,
                      top_k: int) -> Reply:
@@ -121,8 +136,8 @@ class ServiceClient:
         response = await self._request("POST", path, content=body, headers=headers,
                                        params={"top_k": top_k}, timeout_s=timeout_s)
         round_trip_ms = (time.perf_counter() - started) * 1e3
+        data = self._json(response)
         try:
-            data = response.json()
             timings = data["timings_ms"]
             predictions = tuple(Prediction(int(p["index"]), str(p["label"]), float(p["prob"]))
                                 for p in data["top_k"][0])
@@ -130,9 +145,18 @@ class ServiceClient:
                          float(timings["compute"]), int(data["batch_size"]), round_trip_ms,
                          len(body))
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise ServiceUnavailableError(f"malformed answer from {self.base_url}: {exc}",
-                                          status=response.status_code,
-                                          reason="bad_response") from exc
+            raise self._malformed(response, exc) from exc
+
+    def _json(self, response: httpx.Response) -> Any:
+        """The body as JSON. A body that isn't JSON is the service failing, not the request."""
+        try:
+            return response.json()
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
+            raise self._malformed(response, exc) from exc
+
+    def _malformed(self, response: httpx.Response, why: object) -> ServiceUnavailableError:
+        return ServiceUnavailableError(f"malformed answer from {self.base_url}: {why}",
+                                       status=response.status_code, reason="bad_response")
 
     async def _request(self, method: str, path: str, *, timeout_s: float | None = None,
                        **kwargs: Any) -> httpx.Response:
@@ -161,8 +185,22 @@ class ServiceClient:
         raise ServiceRejectedError(f"{self.base_url} answered {status}: {message}", status=status)
 
 
+def tls_verify(ca_cert: str | None) -> ssl.SSLContext | bool:
+    """``verify=`` for ``ServiceClient``: trust the PEM certificate(s) in ``ca_cert`` (a private
+    CA, or a self-signed service), or the system's CAs when None.
+
+        >>> ServiceClient("https://10.0.0.5:8443", verify=tls_verify("service-ca.pem"))
+    """
+    if ca_cert is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_cert)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use CA certificate {ca_cert!r}: {exc}") from exc
+
+
 def _error_message(response: httpx.Response) -> str:
     try:
         return str(response.json()["error"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return response.text[:200] or response.reason_phrase

@@ -57,6 +57,10 @@ PROBE_LARGE_RANGE = (16 * 1024, 1024 * 1024)
 PROBE_TARGET_S = 0.2  # a large probe should take ~200 ms: long enough to time, short to wait
 _RECENT_LARGE = 5  # bandwidth = median of this many latest large samples
 _FLOOR_MS, _FLOOR_RTT_FRACTION = 0.2, 0.05
+# A sample whose network time is off the estimate's prediction by this factor, and by this many
+# ms, is a surprise; _CHANGE_RUN surprises in a row mean the link changed (Wi-Fi -> 3G): the old
+# samples no longer describe it, so only the surprising ones are kept and the next plan probes.
+_CHANGE_FACTOR, _CHANGE_FLOOR_MS, _CHANGE_RUN = 2.0, 20.0, 2
 
 
 class _Sample(NamedTuple):
@@ -93,6 +97,9 @@ class LinkEstimator:
         self._clock = clock
         self._small: deque[_Sample] = deque(maxlen=window)
         self._large: deque[_Sample] = deque(maxlen=window)
+        self._surprises: list[_Sample] = []
+        self.changes = 0  # link changes detected, for diagnostics
+        self.probe_failed = False  # set by the caller when a probe timed out
 
     def observe(
         self, payload_bytes: int, round_trip_ms: float, server_ms: float, *, probe: bool = False
@@ -113,11 +120,35 @@ class LinkEstimator:
         sample = _Sample(
             payload_bytes + HTTP_OVERHEAD_BYTES, round_trip_ms - server_ms, self._clock(), probe
         )
+        self._surprises = [*self._surprises, sample] if self._surprising(sample) else []
+        if len(self._surprises) >= _CHANGE_RUN:
+            kept, self._surprises = self._surprises, []
+            self._small.clear()
+            self._large.clear()
+            self.changes += 1
+            for s in kept:
+                (self._small if s.wire_bytes - HTTP_OVERHEAD_BYTES <= SMALL_BYTES
+                 else self._large).append(s)
+            return
         (self._small if payload_bytes <= SMALL_BYTES else self._large).append(sample)
+
+    def _surprising(self, sample: _Sample) -> bool:
+        est = self.estimate()
+        if est is None:
+            return False
+        predicted_ms = est.rtt_ms + serialization_ms(sample.wire_bytes, est.uplink_bps)
+        off_ms = abs(sample.network_ms - predicted_ms)
+        ratio = (sample.network_ms + 1e-3) / (predicted_ms + 1e-3)
+        return off_ms > _CHANGE_FLOOR_MS and not 1 / _CHANGE_FACTOR <= ratio <= _CHANGE_FACTOR
 
     def estimate(self) -> LinkEstimate | None:
         """The current estimate, or None without recent data to tell RTT from bandwidth."""
         return self._estimate(self.max_age_s)
+
+    def last_estimate(self) -> LinkEstimate | None:
+        """The estimate from every sample kept, however old: for sizing probes, or for planning
+        when nothing is sent (the device runs everything) and a probe would cost more."""
+        return self._estimate(math.inf)
 
     def needs_probe(self) -> bool:
         """True when there is no usable recent estimate: call ``probe()`` before planning."""
@@ -126,10 +157,12 @@ class LinkEstimator:
     def probe_sizes(self) -> tuple[int, int]:
         """A small and a large upload in bytes. The large one takes ~200 ms at the last known
         bandwidth (stale is fine for sizing), 64 KiB before any, within [16 KiB, 1 MiB]."""
+        low, high = PROBE_LARGE_RANGE
+        if self.probe_failed:  # the last probe didn't finish in time: start from the floor
+            return PROBE_SMALL_BYTES, low
         last = self._estimate(math.inf)
         if last is None:
             return PROBE_SMALL_BYTES, PROBE_LARGE_BYTES
-        low, high = PROBE_LARGE_RANGE
         return PROBE_SMALL_BYTES, int(min(max(last.uplink_bps * PROBE_TARGET_S / 8, low), high))
 
     def _estimate(self, max_age_s: float) -> LinkEstimate | None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from device_client.client import ServiceClient
+from device_client.client import ServiceClient, tls_verify
 from device_client.link import LinkEstimator, probe
 from device_client.profile import load_or_measure
 from device_client.runtime import DeviceRuntime, EncodeOptions
@@ -66,7 +66,8 @@ def run_profile(args: argparse.Namespace, runtime: DeviceRuntime, options: Encod
 async def run_plan(args: argparse.Namespace, runtime: DeviceRuntime, options: EncodeOptions
                    ) -> int:
     profile, _, _ = device_profile(runtime, options, jpeg_quality=args.jpeg_quality)
-    async with ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout) as client:
+    async with ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout,
+                             verify=tls_verify(args.ca_cert)) as client:
         server = ServerProfile.from_metadata(await client.metadata(runtime.name))
         link = await _link(client, runtime.name, args.bandwidth_mbps, args.rtt_ms)
     plan = choose(profile, server, link, hysteresis=0.0)

@@ -3,7 +3,8 @@
 For every split point: the median head latency and the median quantize+compress+frame cost,
 and the frame's size; for ``device`` the whole model; for ``cloud`` the JPEG encode and size. All
 on a real photo (``reference_photo``), on this runtime and thread count. The result is cached in
-a file keyed by model, weights fingerprint, torch version, thread count and CPU, so a device
+a file keyed by model, weights fingerprint, torch version, thread count, CPU model and CPU quota
+(and the encoding options), so a device
 measures once, not at every start.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared.cpu import cgroup_quota
 from shared.errors import ConfigError
 from shared.planner import CLOUD, DEVICE, DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo, to_tensor
@@ -29,7 +31,7 @@ from shared.timing import median_ms
 __all__ = ["ProfileKey", "cache_dir", "load_or_measure", "measure"]
 
 CACHE_ENV = "SPLITSERVE_CACHE_DIR"
-_FORMAT = 1  # bump when the cached JSON changes shape
+_FORMAT = 2  # bump when the cached JSON changes shape
 
 Progress = Callable[[str], None]
 
@@ -43,6 +45,7 @@ class ProfileKey:
     torch_version: str
     threads: int
     cpu: str
+    cpu_quota: float | None  # a board emulated at 20% of a core is not the host at full speed
     granularity: str
     zstd_level: int
     jpeg_quality: int
@@ -51,7 +54,8 @@ class ProfileKey:
     def current(cls, runtime: DeviceRuntime, options: EncodeOptions, jpeg_quality: int
                 ) -> ProfileKey:
         return cls(runtime.name, runtime.fingerprint, torch.__version__, torch.get_num_threads(),
-                   cpu_name(), options.granularity, options.zstd_level, jpeg_quality)
+                   cpu_name(), cgroup_quota(), options.granularity, options.zstd_level,
+                   jpeg_quality)
 
     def filename(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()

@@ -161,7 +161,8 @@ class Partitioner:
                 raise UnknownSplitPointError(f"split point {key.name!r} does not belong to this "
                                              "model (or its shapes differ)")
             return cut
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        # isascii: "²".isdigit() is True, but int("²") raises ValueError.
+        if isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit()):
             index = int(key)
             if 0 <= index < len(self._cuts):
                 return self._cuts[index]

@@ -31,7 +31,7 @@ from cloud_server.schemas import (
 )
 from cloud_server.service import Service, ServiceDep
 from shared import wire
-from shared.errors import ShapeMismatchError, UnsupportedMediaTypeError
+from shared.errors import PayloadError, ShapeMismatchError, UnsupportedMediaTypeError
 from shared.predictions import top_k
 
 router = APIRouter(tags=["inference"], dependencies=[Security(bearer)])
@@ -41,7 +41,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in [
         (400, "Malformed frame, image or tensor"), (401, "Missing API key"),
         (403, "Wrong API key"), (404, "Unknown model or split point"),
-        (409, "Frame made with different weights"), (413, "Body too large"),
+        (408, "Body not received in time"), (409, "Frame made with different weights"),
+        (413, "Body too large"),
         (415, "Wrong Content-Type"), (503, "Queue full or still loading (see Retry-After)"),
         (504, "Deadline passed")]}
 _MSGPACK_BODY = {"requestBody": {"required": True, "content": {wire.CONTENT_TYPE: {
@@ -67,6 +68,7 @@ async def infer_split(model: str, split: str, request: Request, service: Service
         point = runtime.point(split)
         labels.update(model=model, split=point.name)
         _require_type(request, (wire.CONTENT_TYPE,))
+        service.admit()
         body = await request.body()
         service.metrics.received_bytes.labels(**labels).inc(len(body))
         settings = service.settings
@@ -93,6 +95,7 @@ async def classify(model: str, request: Request, service: ServiceDep, top_k: Top
         runtime = service.runtime(model)
         labels.update(model=model, split=FULL)
         _require_type(request, IMAGE_TYPES)
+        service.admit()
         body = await request.body()
         service.metrics.received_bytes.labels(**labels).inc(len(body))
         started = time.perf_counter()
@@ -115,6 +118,7 @@ async def infer_oip(model: str, request: OipRequest, service: ServiceDep,
         decode_ms = (time.perf_counter() - started) * 1e3
         result = await service.submit(runtime, FULL, (x,), timeout_s=_timeout_s(service,
                                                                                  timeout_ms))
+        _require_finite(result.output)
         runtime.observe(FULL, decode_ms + result.compute_ms / result.batch_size)
         logits = result.output.float()
         return OipResponse(
@@ -129,11 +133,13 @@ async def infer_oip(model: str, request: OipRequest, service: ServiceDep,
 async def probe(model: str, request: Request, service: ServiceDep
                 ) -> ProbeResponse:
     """Upload sink for the device's link estimator: reads the body, does no work."""
-    started = time.perf_counter()
     service.runtime(model)
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
+    # The body trickling in is the link's time, which the device is measuring: like the other
+    # endpoints, the server's own time starts once the body has arrived.
+    started = time.perf_counter()
     return ProbeResponse(received_bytes=received,
                          server_ms=(time.perf_counter() - started) * 1e3)
 
@@ -143,6 +149,7 @@ async def _answer(service: Service, runtime: ModelRuntime, key: str,
                   k: int, timeout_ms: float | None, *, split_name: str | None = None
                   ) -> InferResponse:
     result = await service.submit(runtime, key, inputs, timeout_s=_timeout_s(service, timeout_ms))
+    _require_finite(result.output)
     runtime.observe(key, decode_ms + result.compute_ms / result.batch_size)
     labels = {"model": runtime.name, "split": key}
     service.metrics.decode_seconds.labels(**labels).observe(decode_ms / 1e3)
@@ -159,6 +166,14 @@ async def _answer(service: Service, runtime: ModelRuntime, key: str,
 def _timeout_s(service: Service, timeout_ms: float | None) -> float:
     limit = service.settings.request_timeout_s
     return limit if timeout_ms is None else min(limit, timeout_ms / 1e3)
+
+
+def _require_finite(logits: torch.Tensor) -> None:
+    # Legal but absurd inputs (a float32-max scale on every byte) overflow the tail to inf and
+    # NaN; that is the request's fault, and NaN has no softmax, no top-k and no JSON.
+    if not bool(torch.isfinite(logits).all()):
+        raise PayloadError("the inputs drive the model to non-finite logits: their values are "
+                           "far outside any real activation's range")
 
 
 def _require_type(request: Request, allowed: tuple[str, ...]) -> None:

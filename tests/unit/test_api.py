@@ -219,3 +219,22 @@ def test_metadata_and_openapi(runtime: ModelRuntime) -> None:
             assert r.status_code == 404 and r.json()["error"]
 
     run(scenario())
+
+
+def test_probe_times_only_the_server_not_the_upload(runtime: ModelRuntime) -> None:
+    """The link estimator subtracts server_ms from the round trip: a body that takes 300 ms to
+    arrive must not be reported as 300 ms of server work."""
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            yield b"\x00" * 1000
+
+    async def scenario() -> None:
+        async with serve(Settings(models=(MODEL,)), lambda n, w: runtime) as c:
+            r = await c.post(f"/v2/models/{MODEL}/probe", content=trickle(),
+                             headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 200 and r.json()["received_bytes"] == 3000
+            assert r.json()["server_ms"] < 50
+
+    run(scenario())

@@ -257,6 +257,26 @@ def test_encoded_tensor_refuses_invalid_fields(changes: dict[str, Any]) -> None:
         dataclasses.replace(VALID, **changes)
 
 
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+    st.binary(max_size=16), st.tuples(st.integers()), st.tuples(st.floats(), st.floats()),
+    st.lists(st.integers(), max_size=3), st.tuples(st.integers(-2, 3), st.integers(-2, 3)),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from([f.name for f in dataclasses.fields(EncodedTensor)]), value=ANY_VALUE)
+def test_any_field_value_raises_codec_error_or_decodes(field: str, value: Any) -> None:
+    """Any value in any field: refused with CodecError on construction or decoding, or a tensor
+    of the declared shape. Never another exception."""
+    try:
+        enc = dataclasses.replace(VALID, **{field: value})
+        out = decode_tensor(enc)
+    except CodecError:
+        return
+    assert out.shape == enc.shape and bool(torch.isfinite(out).all())
+
+
 def test_encoded_tensor_raw_nbytes() -> None:
     assert VALID.raw_nbytes == 4
     none = EncodedTensor((1, 3), "bfloat16", "none", (), (), None, "none", bytes(6))

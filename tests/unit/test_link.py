@@ -133,17 +133,62 @@ def test_noise_free_probe_is_exact_or_too_fast_to_time(rtt_ms: float, bps: float
 # --- robustness ----------------------------------------------------------------------------------
 
 
-def test_follows_a_bandwidth_drop_within_four_samples() -> None:
+def test_a_bandwidth_drop_asks_for_a_probe_within_two_samples() -> None:
     link = Link(40.0, 30e6)
     link.probe()
     for _ in range(20):
         link.send(20_000)
     assert link.estimate().uplink_bps == pytest.approx(30e6, rel=0.10)
     link.bps = 1.6e6
-    for _ in range(4):
+    link.send(20_000)
+    assert not link.estimator.needs_probe()  # one surprise may be an outlier
+    link.send(20_000)
+    assert link.estimator.needs_probe() and link.estimator.changes == 1
+    link.probe()
+    assert_close(link.estimate(), 40.0, 1.6e6, rel=0.10)
+
+
+def test_wifi_to_3g_forgets_the_old_rtt() -> None:
+    # Only large traffic after the change: without forgetting, the Wi-Fi RTT (10 ms) would stay
+    # and the 3G RTT would be read as a very slow uplink.
+    link = Link(10.0, 30e6)
+    link.probe()
+    for _ in range(20):
+        link.send(20_000, dt_s=0.05)
+    link.rtt_ms, link.bps = 150.0, 1.6e6
+    for _ in range(2):
+        link.send(20_000, dt_s=0.05)
+    assert link.estimator.needs_probe()
+    link.probe()
+    assert_close(link.estimate(), 150.0, 1.6e6, rel=0.10)
+
+
+def test_a_faster_link_is_noticed_too() -> None:
+    link = Link(150.0, 1.6e6)
+    link.probe()
+    for _ in range(5):
         link.send(20_000)
-    assert link.estimate().uplink_bps == pytest.approx(1.6e6, rel=0.25)
-    assert link.estimate().rtt_ms == pytest.approx(40.0, rel=0.10)
+    link.rtt_ms, link.bps = 10.0, 30e6
+    for _ in range(2):
+        link.send(20_000)
+    assert link.estimator.needs_probe()
+
+
+@pytest.mark.parametrize("rtt_ms", [2.0, 40.0, 150.0], ids=lambda r: f"rtt-{r:g}")
+def test_jitter_is_not_a_link_change(rtt_ms: float) -> None:
+    link = Link(rtt_ms, 8e6, jitter=0.2, seed=3)
+    link.probe()
+    for _ in range(60):
+        link.send(20_000, dt_s=0.2)
+    assert link.estimator.changes == 0
+
+
+def test_after_a_probe_timed_out_the_next_one_is_small() -> None:
+    link = Link(2.0, 500e6)
+    link.probe()
+    assert link.estimator.probe_sizes()[1] == 1024 * KIB  # a 500 Mbit/s link: the cap
+    link.estimator.probe_failed = True  # e.g. the device moved to 3G: 1 MiB takes 5 s there
+    assert link.estimator.probe_sizes()[1] == 16 * KIB
 
 
 @pytest.mark.parametrize("size", [20_000, 64], ids=["large-outlier", "small-outlier"])

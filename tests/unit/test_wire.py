@@ -311,6 +311,29 @@ def test_malformed_frames_raise_payload_error(doc: Any) -> None:
             decode_tensor(t)
 
 
+MSGPACK_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=16) | st.binary(max_size=64),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.sampled_from(sorted({*frame_doc(), *(f"t.{k}" for k in frame_doc()["t"][0])})),
+    value=MSGPACK_VALUES,
+)
+def test_any_value_in_any_field_raises_payload_error_or_decodes(key: str, value: Any) -> None:
+    """Every field of a real frame replaced by any msgpack value: a PayloadError, or a frame
+    whose tensors decode to their declared shapes. Never another exception."""
+    doc = frame_doc()
+    target, name = (doc["t"][0], key[2:]) if key.startswith("t.") else (doc, key)
+    target[name] = value
+    assert_payload_error_or_valid(msgpack.packb(doc, use_bin_type=True))
+
+
 def test_raw_none_data_longer_than_declared() -> None:
     doc = msgpack.unpackb(encode(make_frame(torch.zeros(1, 4), codec="none")))
     doc["t"][0]["data"] += b"\x00"

@@ -1,0 +1,145 @@
+"""Fuzz the live service (real uvicorn on loopback) and hold every answer to the promise: no 5xx,
+no dropped connection, every error body exactly ``{"error": str}`` with no traceback, and the
+service ready and right afterwards. CI-sized; ``python -m bench reliability`` runs thousands."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from bench.reliability_bodies import image_cases, oip_cases, raw_http_cases
+from bench.reliability_fuzz import (
+    FuzzReport,
+    bad_neighbours,
+    fuzz_raw_http,
+    fuzz_schema,
+    send_all,
+    still_serving,
+)
+from bench.reliability_mutate import extreme_frame, frame_cases
+from device_client.local_service import LocalService
+from device_client.runtime import DeviceRuntime
+from shared.preprocess import center_crop, encode_jpeg
+from tests.helpers import make_frame
+
+MODEL = "efficientnet_lite0"
+SPLITS = ("_conv_stem", "_blocks.9", "flatten")  # first, middle, last but one
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[LocalService]:
+    """Our own service: fuzzing must not risk the session's shared one. A 20 ms queue delay
+    lets concurrent requests share forward passes."""
+    env = {"SPLITSERVE_PROFILE_REPEATS": "0", "SPLITSERVE_MAX_QUEUE_DELAY_MS": "20"}
+    with LocalService(models=[MODEL], env=env) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def frames(device_runtime: DeviceRuntime) -> dict[str, bytes]:
+    return {split: make_frame(device_runtime, split) for split in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def expected(service: LocalService, frames: dict[str, bytes]) -> int:
+    """Top-1 of the untouched middle frame, as this service answered it before any fuzzing."""
+    r = httpx.post(
+        f"{service.url}/v2/models/{MODEL}/splits/{SPLITS[1]}/infer",
+        content=frames[SPLITS[1]],
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert r.status_code == 200, r.text
+    top1: int = r.json()["top_k"][0][0]["index"]
+    return top1
+
+
+def _assert_kept(
+    report: FuzzReport, service: LocalService, frames: dict[str, bytes], expected: int
+) -> None:
+    assert report.problem_count == 0, report.summary()
+    assert report.server_errors == 0
+    assert service.process is not None and service.process.poll() is None, service.log_tail()
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        path = f"/v2/models/{MODEL}/splits/{SPLITS[1]}/infer"
+        assert still_serving(http, path, frames[SPLITS[1]], expected) is None
+    assert "failed unexpectedly" not in service.log_path.read_text(errors="replace")
+
+
+def test_schemathesis_every_endpoint(
+    service: LocalService, frames: dict[str, bytes], expected: int
+) -> None:
+    report = FuzzReport()
+    fuzz_schema(
+        service.url, report, examples=8, seed=0, pinned={"model": [MODEL], "split": list(SPLITS)}
+    )
+    # Every operation of the schema was reached, each with and without real path parameters.
+    assert report.tried["schema"] >= 200, report.summary()
+    assert {404, 400, 200} <= set(report.statuses), report.summary()
+    _assert_kept(report, service, frames, expected)
+
+
+def test_mutated_real_frames(
+    service: LocalService, frames: dict[str, bytes], expected: int
+) -> None:
+    report = FuzzReport()
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        send_all(http, report, "frames", frame_cases(frames, model=MODEL, n=300, seed=0))
+    assert report.tried["frames"] >= 300 + 3 * 25
+    assert report.statuses[400] > 200 and report.statuses[409] > 0, report.summary()
+    _assert_kept(report, service, frames, expected)
+
+
+def test_broken_and_bomb_images(
+    service: LocalService,
+    frames: dict[str, bytes],
+    expected: int,
+    photos: dict[str, Image.Image],
+    device_runtime: DeviceRuntime,
+) -> None:
+    encoded = {}
+    for name in ("coffee", "rocket"):
+        crop = center_crop(photos[name], device_runtime.spec.preprocessing)
+        encoded[f"{name}.jpg"] = encode_jpeg(crop)
+        png = io.BytesIO()
+        crop.save(png, format="PNG")
+        encoded[f"{name}.png"] = png.getvalue()
+    report = FuzzReport()
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        send_all(http, report, "images", image_cases(encoded, model=MODEL, n=60, seed=0))
+    _assert_kept(report, service, frames, expected)
+
+
+def test_broken_oip_json(service: LocalService, frames: dict[str, bytes], expected: int) -> None:
+    report = FuzzReport()
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        send_all(http, report, "oip", oip_cases(model=MODEL, n=60, seed=0))
+    _assert_kept(report, service, frames, expected)
+
+
+def test_malformed_http(service: LocalService, frames: dict[str, bytes], expected: int) -> None:
+    report = FuzzReport()
+    fuzz_raw_http(service.url, report, raw_http_cases(model=MODEL, split=SPLITS[1]))
+    _assert_kept(report, service, frames, expected)
+
+
+def test_hostile_neighbours_in_a_batch_do_not_harm_good_requests(
+    service: LocalService, frames: dict[str, bytes], expected: int, device_runtime: DeviceRuntime
+) -> None:
+    """Frames whose legal-but-absurd values drive the tail to inf/NaN, stacked into the same
+    forward pass as good ones: the hostile ones get 400, the good ones their right answer."""
+    split = SPLITS[-1]
+    good = frames[split]
+    path = f"/v2/models/{MODEL}/splits/{split}/infer"
+    right = httpx.post(
+        f"{service.url}{path}", content=good, headers={"Content-Type": "application/msgpack"}
+    ).json()["top_k"][0][0]["index"]
+    hostile = [extreme_frame(good), extreme_frame(good, negative=True)]
+    result = bad_neighbours(service.url, path, good, right, hostile, rounds=10)
+    assert result.ok, result
+    assert result.shared > 0, "no good request shared a forward pass: the test proved nothing"
+    _assert_kept(FuzzReport(), service, frames, expected)

@@ -1,0 +1,54 @@
+"""Steady load: thousands of requests to the real service, zero errors and flat memory.
+
+CI-sized (2,000 requests after a 500-request warm-up); ``python -m bench reliability`` runs
+10,000 and charts the RSS.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from bench.reliability_soak import rss_bytes, run_soak
+from device_client.local_service import LocalService
+from device_client.runtime import DeviceRuntime
+from shared.preprocess import preprocess
+
+MODEL = "efficientnet_lite0"
+SPLIT = "_blocks.14"  # late and cheap: the soak measures the service, not the model
+
+
+@pytest.mark.slow
+def test_soak_has_no_errors_and_flat_memory(
+    device_runtime: DeviceRuntime, photos: dict[str, Image.Image]
+) -> None:
+    point = device_runtime.point(SPLIT)
+    frames = [
+        device_runtime.encode(
+            point,
+            device_runtime.run_head(point, preprocess(image, device_runtime.spec.preprocessing)),
+            f"soak-{name}",
+        )
+        for name, image in photos.items()
+    ]
+    with LocalService(models=[MODEL], env={"SPLITSERVE_PROFILE_REPEATS": "0"}) as service:
+        assert service.process is not None
+        report = run_soak(
+            service.url,
+            service.process.pid,
+            f"/v2/models/{MODEL}/splits/{SPLIT}/infer",
+            frames,
+            requests=2_000,
+            concurrency=8,
+            warmup=500,
+        )
+        assert service.process.poll() is None
+    assert report.errors == 0, report.error_examples
+    assert report.rss_growth < 0.10, (report.rss_start, report.rss_end)
+    assert len(report.samples) > 100 and report.samples[-1][0] == 2_000
+
+
+def test_rss_reads_proc_status() -> None:
+    import os
+
+    assert 10 * 2**20 < rss_bytes(os.getpid()) < 64 * 2**30

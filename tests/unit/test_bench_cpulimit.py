@@ -1,0 +1,110 @@
+"""Tests for bench.cpulimit: a process in a 20 % group gets 20 % of a core, and nothing leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.cpulimit import CpuLimit, CpuLimitUnavailable, cgroup_of, cpu_cgroup_mount
+
+# Busy-loops for ``seconds`` of wall time once told to start, then prints its CPU time.
+_BUSY = """
+import json, sys, time
+sys.stdin.readline()
+wall0, cpu0 = time.perf_counter(), time.process_time()
+while time.perf_counter() - wall0 < float(sys.argv[1]):
+    pass
+print(json.dumps({"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}))
+"""
+
+
+@pytest.fixture
+def limit() -> Iterator[CpuLimit]:
+    try:
+        made = CpuLimit.create(0.2)
+    except CpuLimitUnavailable as exc:
+        pytest.skip(f"cgroups are not writable here: {exc}")
+    yield made
+    assert made.remove()
+
+
+def test_a_limited_process_gets_its_share_of_one_core(limit: CpuLimit) -> None:
+    assert limit.quota_us == round(0.2 * limit.period_us)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUSY, "1.0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        limit.add(proc.pid)
+        assert cgroup_of(proc.pid) is not None and cgroup_of(proc.pid).endswith(limit.path.name)
+        os.sched_setaffinity(proc.pid, {sorted(os.sched_getaffinity(0))[0]})
+        out, _ = proc.communicate("go\n", timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    used = json.loads(out)
+    share = used["cpu"] / used["wall"]
+    # Up to 20 %; less only if other jobs crowd the core, and never near a whole core.
+    assert 0.12 < share < 0.24, used
+    assert limit.stats()["nr_throttled"] > 0
+
+
+def test_remove_deletes_the_group(limit: CpuLimit) -> None:
+    assert limit.path.is_dir()
+    assert limit.remove()
+    assert not limit.path.exists()
+    assert limit.remove()  # twice is fine
+
+
+def test_remove_moves_a_process_left_behind_out(limit: CpuLimit) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        limit.add(proc.pid)
+        assert limit.remove(timeout_s=0.2)
+        assert not limit.path.exists()
+        assert not (cgroup_of(proc.pid) or "").endswith(limit.path.name)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("fraction", [0.0, -1.0, 0.01], ids=["zero", "negative", "under-1ms"])
+def test_rejects_impossible_fractions(fraction: float) -> None:
+    with pytest.raises(ValueError):
+        CpuLimit.create(fraction)
+
+
+def test_finds_a_v1_cpu_mount_in_a_mounts_table(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+        "cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,cpu,cpuacct 0 0\n"
+    )
+    assert cpu_cgroup_mount(str(mounts)) == Path("/sys/fs/cgroup/cpu,cpuacct")
+    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n")
+    assert cpu_cgroup_mount(str(mounts)) is None
+
+
+def test_a_weight_only_group_has_no_quota() -> None:
+    try:
+        group = CpuLimit.create(None, shares=4096, suffix="-weight")
+    except CpuLimitUnavailable as exc:
+        pytest.skip(f"cgroups are not writable here: {exc}")
+    try:
+        assert group.quota_us == -1
+        assert (group.path / "cpu.shares").read_text().strip() == "4096"
+        group.add(os.getpid())
+        assert (cgroup_of(os.getpid()) or "").endswith(group.path.name)
+        group.release(os.getpid())
+        assert not (cgroup_of(os.getpid()) or "").endswith(group.path.name)
+    finally:
+        group.release(os.getpid())
+        assert group.remove()
