@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from bench import fidelity, latency, reliability, service
+from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
 __all__ = ["SUBCOMMANDS", "main"]
@@ -33,8 +34,9 @@ SUBCOMMANDS: dict[str, ModuleType] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cliargs.OneLineParser(
         prog="python -m bench",
+        tool="bench",
         description="splitserve benchmarks; results go to JSON, markdown and PNG files.",
     )
     sub = p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")

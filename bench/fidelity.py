@@ -27,6 +27,7 @@ from bench import report
 from bench.fidelity_measure import CloudFidelity, Fidelity, PointFidelity, measure_fidelity
 from bench.images import evaluation_images
 from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared import cliargs
 from shared.models import list_models
 
 __all__ = ["HEADERS", "add_arguments", "plot", "run", "table_rows", "write_outputs"]
@@ -105,18 +106,11 @@ def write_outputs(fid: Fidelity, out: Path, command: str, **extra: Any) -> list[
     ]
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0", choices=list_models())
     p.add_argument(
         "--crops",
-        type=_non_negative,
+        type=cliargs.integer(at_least=0),
         default=None,
         help="augmented crops besides the 5 photos (default 200; 20 with --quick)",
     )
@@ -133,10 +127,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="quantization scales per tensor, per channel, or auto (default)",
     )
-    p.add_argument("--zstd-level", type=int, default=3, help="1..22 (default 3)")
+    p.add_argument(
+        "--zstd-level",
+        type=cliargs.integer(at_least=1, at_most=22),
+        default=3,
+        help="1..22 (default 3)",
+    )
     p.add_argument(
         "--threads",
-        type=_non_negative,
+        type=cliargs.integer(at_least=0),
         default=0,
         help="torch CPU threads (default 0: torch's default, one per core); 1 is steadier on a "
         "machine other jobs share, where spinning OpenMP threads made a run 6x slower",

@@ -32,6 +32,7 @@ from bench import latency_report, report
 from bench.cpulimit import PERIOD_US
 from bench.latency_run import RunConfig, measure
 from bench.netem import PROFILES
+from shared import cliargs
 from shared.models import list_models
 
 __all__ = ["add_arguments", "run"]
@@ -58,20 +59,6 @@ def _drop(text: str) -> tuple[str, str] | None:
     return before, after
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"must be in [0, 64], got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0", choices=list_models())
     p.add_argument(
@@ -94,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--images",
-        type=_count,
+        type=cliargs.integer(at_least=1),
         default=None,
         help="the 5 photos + augmented crops, per candidate (default 20; 5 --quick)",
     )
@@ -106,26 +93,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--split-stride",
-        type=_count,
+        type=cliargs.integer(at_least=1),
         default=None,
         help="without --splits, run every Nth split point and the last (default 1; 2 with "
         "--quick, where the early wide cuts take 1-2 s each on 3g)",
     )
     p.add_argument(
         "--device-cpu",
-        type=_fraction,
+        type=cliargs.real(at_least=0, at_most=64),
         default=0.2,
         help="the device's share of one core (default 0.2, ~a Raspberry Pi 4 core; 0: no limit)",
     )
     p.add_argument(
         "--cpu-period-us",
-        type=int,
+        type=cliargs.integer(at_least=1000, at_most=1_000_000),
         default=PERIOD_US,
         help=f"cgroup CPU period (default {PERIOD_US}: see bench/cpulimit.py)",
     )
     p.add_argument(
         "--cpu-shares",
-        type=int,
+        type=cliargs.integer(at_least=0),
         default=8192,
         help="cpu.shares of the device's group and of the service's (default 8192, 8x an "
         "ordinary process: jobs sharing the machine don't eat into the device's quota or the "
@@ -133,13 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=cliargs.integer(at_least=0),
         default=1,
         help="untimed inferences before each fixed candidate (default 1)",
     )
     p.add_argument(
         "--auto-warmup",
-        type=int,
+        type=cliargs.integer(at_least=0),
         default=2,
         help="untimed inferences by auto on each link before timing it (default 2)",
     )
@@ -152,25 +139,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--drop-before",
-        type=_count,
+        type=cliargs.integer(at_least=1),
         default=None,
         help="auto requests before the change (default 20; 10 with --quick)",
     )
     p.add_argument(
         "--drop-after",
-        type=_count,
+        type=cliargs.integer(at_least=1),
         default=None,
         help="auto requests after the change (default 15; 10 with --quick)",
     )
     p.add_argument(
         "--profile-repeats",
-        type=_count,
+        type=cliargs.integer(at_least=1),
         default=5,
         help="timed runs per candidate when the device profiles itself (default 5)",
     )
     p.add_argument(
         "--server-profile-repeats",
-        type=_count,
+        type=cliargs.integer(at_least=1),
         default=5,
         help="the service's own start-up timing runs per split point (default 5)",
     )

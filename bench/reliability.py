@@ -34,8 +34,6 @@ import os
 import platform
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +42,9 @@ from PIL import Image
 
 from bench import report
 from bench.reliability_bodies import image_cases, oip_cases, raw_http_cases
-from bench.reliability_fakes import BEHAVIOURS
 from bench.reliability_faults import (
     FAST_START,
-    cli_against,
+    cli_against_all,
     kill_and_restart,
     local_top1,
     overload,
@@ -62,10 +59,11 @@ from bench.reliability_fuzz import (
     still_serving,
 )
 from bench.reliability_mutate import extreme_frame, frame_cases
-from bench.reliability_soak import run_soak
+from bench.reliability_soak import run_soak, soak_frames
 from device_client.local_service import LocalService
 from device_client.runtime import DeviceRuntime
 from device_client.samples import sample_photos
+from shared import cliargs
 from shared.errors import ConfigError
 from shared.preprocess import center_crop, encode_jpeg, preprocess
 
@@ -89,12 +87,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random mutation")
     p.add_argument(
         "--soak-requests",
-        type=int,
+        type=cliargs.integer(at_least=1),
         default=None,
         metavar="N",
         help="requests after the warm-up (default 10,000; 2,000 with --quick)",
     )
-    p.add_argument("--concurrency", type=int, default=8, help="soak connections (default 8)")
+    p.add_argument(
+        "--concurrency",
+        type=cliargs.integer(at_least=1),
+        default=8,
+        help="soak connections (default 8)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,14 +245,7 @@ def _faults(
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "coffee.jpg"
         photos["coffee"].save(image, quality=95)
-        jobs = list(product(BEHAVIOURS, (True, False)))
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            cli = list(
-                pool.map(
-                    lambda job: cli_against(job[0], image, expected["coffee"], fallback=job[1]),
-                    jobs,
-                )
-            )
+        cli = cli_against_all(image, expected["coffee"], workers=2)
     return {
         "killed": kill.__dict__ | {"ok": kill.ok},
         "stall": stall.__dict__ | {"ok": stall.ok},
@@ -262,15 +258,7 @@ def _faults(
 def _soak(
     runtime: DeviceRuntime, photos: dict[str, Image.Image], requests: int, concurrency: int
 ) -> dict[str, Any]:
-    point = runtime.point(SOAK_SPLIT)
-    frames = [
-        runtime.encode(
-            point,
-            runtime.run_head(point, preprocess(image, runtime.spec.preprocessing)),
-            f"soak-{name}",
-        )
-        for name, image in photos.items()
-    ]
+    frames = soak_frames(runtime, photos, SOAK_SPLIT)
     with LocalService(models=[MODEL], env=FAST_START) as service:
         assert service.process is not None
         soak = run_soak(

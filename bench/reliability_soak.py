@@ -15,13 +15,32 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from shared import wire
+from shared.preprocess import preprocess
 
-__all__ = ["SoakReport", "rss_bytes", "run_soak"]
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from device_client.runtime import DeviceRuntime
+
+__all__ = ["SoakReport", "rss_bytes", "run_soak", "soak_frames"]
+
+
+def soak_frames(runtime: DeviceRuntime, photos: dict[str, Image.Image], split: str) -> list[bytes]:
+    """One real frame per photo at ``split``, encoded once: the soak measures the service."""
+    point = runtime.point(split)
+    return [
+        runtime.encode(
+            point,
+            runtime.run_head(point, preprocess(image, runtime.spec.preprocessing)),
+            f"soak-{name}",
+        )
+        for name, image in photos.items()
+    ]
 
 
 def rss_bytes(pid: int) -> int:

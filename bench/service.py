@@ -61,6 +61,7 @@ from bench.service_report import ALIGN, BAR, HEADERS, markdown, plot, table_rows
 from device_client.local_service import LocalService
 from device_client.runtime import DeviceRuntime
 from device_client.samples import sample_photos
+from shared import cliargs
 from shared.errors import ConfigError
 from shared.models import list_models
 
@@ -89,13 +90,6 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0", choices=list_models())
     p.add_argument("--split", default=None, help="split point name or index (default: middle)")
@@ -103,12 +97,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--concurrency", type=_levels, default=[1, 4, 16, 64], help="levels (default 1,4,16,64)"
     )
     p.add_argument("--quick", action="store_true", help="1 s warm-up + 4 s per level, ~1 min")
-    p.add_argument("--duration", type=_positive, help="seconds measured per level (default 12)")
-    p.add_argument("--warmup", type=_positive, help="seconds of load before each (default 3)")
-    p.add_argument("--timeout", type=_positive, default=30.0, help="client timeout (default 30)")
+    p.add_argument(
+        "--duration", type=cliargs.real(above=0), help="seconds measured per level (default 12)"
+    )
+    p.add_argument(
+        "--warmup", type=cliargs.real(above=0), help="seconds of load before each (default 3)"
+    )
+    p.add_argument(
+        "--timeout", type=cliargs.real(above=0), default=30.0, help="client timeout (default 30)"
+    )
     p.add_argument(
         "--raw-seconds",
-        type=_positive,
+        type=cliargs.real(above=0),
         help="seconds of each raw-compute measurement, before the load and after every level "
         "(default 3; 1 with --quick)",
     )
@@ -121,7 +121,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--service-cpus", type=_ints, help="cores of the service (overrides --layout)")
     p.add_argument("--client-cpus", type=_ints, help="cores of the load generator (overrides)")
-    p.add_argument("--threads", type=int, help="service torch threads (default: its core count)")
+    p.add_argument(
+        "--threads",
+        type=cliargs.integer(at_least=1),
+        help="service torch threads (default: its core count)",
+    )
     for flag, kind in (
         ("--max-batch-size", int),
         ("--max-queue-delay-ms", float),

@@ -12,15 +12,17 @@ from pydantic import ValidationError
 
 from cloud_server.app import create_app
 from cloud_server.settings import Settings
+from shared import cliargs
 from shared.errors import SplitServeError
 from shared.models import get_spec
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m cloud_server",
+    p = cliargs.OneLineParser(
+        prog="python -m cloud_server", tool="cloud_server",
         description="Serve the tails of split models. Every flag also reads SPLITSERVE_<NAME>.")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    # Bounds are the Settings' own, so that flags and SPLITSERVE_* are checked alike.
     p.add_argument("--port", type=int, help="bind port (default 8000)")
     p.add_argument("--models", help="comma-separated: name or name=/path/to/checkpoint.pth")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])

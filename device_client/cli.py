@@ -22,6 +22,7 @@ from device_client.pipeline import Device
 from device_client.plan_cmd import device_profile, run_plan, run_profile
 from device_client.results import InferenceResult
 from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared import cliargs
 from shared.cpu import cpu_limit
 from shared.errors import SplitServeError
 from shared.preprocess import load_image
@@ -33,9 +34,9 @@ DEFAULT_MODEL = "efficientnet_lite0"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m device_client",
-                                description="splitserve device client: run the head, send the "
-                                            "activation, get the answer.")
+    p = cliargs.OneLineParser(prog="python -m device_client", tool="device_client",
+                              description="splitserve device client: run the head, send the "
+                                          "activation, get the answer.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     infer = sub.add_parser("infer", help="classify images, cutting the model at --split")
@@ -50,15 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="measure what each candidate costs on this device "
                                              "(cached)")
     _model_args(profile)
-    profile.add_argument("--repeats", type=int, default=5, help="timed runs per candidate")
+    profile.add_argument("--repeats", type=cliargs.integer(at_least=1), default=5,
+                         help="timed runs per candidate")
     profile.add_argument("--force", action="store_true", help="measure even if cached")
     profile.add_argument("--json", action="store_true")
 
     plan = sub.add_parser("plan", help="the planner's table: expected latency per candidate")
     _common(plan)
-    plan.add_argument("--bandwidth-mbps", type=_positive, default=None, metavar="B",
+    plan.add_argument("--bandwidth-mbps", type=cliargs.real(above=0), default=None, metavar="B",
                       help="uplink bandwidth (default: measured against the service)")
-    plan.add_argument("--rtt-ms", type=_non_negative, default=None, metavar="R",
+    plan.add_argument("--rtt-ms", type=cliargs.real(at_least=0), default=None, metavar="R",
                       help="round-trip time (default: measured against the service)")
     plan.add_argument("--json", action="store_true")
     plan.add_argument("--chart", metavar="FILE.png", help="draw stacked bars per candidate")
@@ -73,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER}")
     p.add_argument("--api-key", default=None, help=f"default ${API_KEY_ENV}")
-    p.add_argument("--timeout", type=_positive, default=30.0, metavar="S",
+    p.add_argument("--timeout", type=cliargs.real(above=0), default=30.0, metavar="S",
                    help="per-request deadline in seconds")
     p.add_argument("--ca-cert", default=None, metavar="PEM",
                    help="trust this CA certificate for an https --server (e.g. a self-signed one)")
@@ -87,30 +89,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["auto", "tensor", "channel"], default="auto",
                    help="scale per tensor, per channel, or auto (default): per channel only "
                         "where channel ranges differ widely")
-    p.add_argument("--zstd-level", type=int, default=3, help="1..22 (default 3)")
-    p.add_argument("--jpeg-quality", type=_quality, default=90, metavar="Q",
+    p.add_argument("--zstd-level", type=cliargs.integer(at_least=1, at_most=22), default=3,
+                   help="1..22 (default 3)")
+    p.add_argument("--jpeg-quality", type=cliargs.integer(at_least=1, at_most=100), default=90,
+                   metavar="Q",
                    help="JPEG quality of the `cloud` candidate, 1..100 (default 90)")
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _quality(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be 1..100, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,10 +100,21 @@ def test_infer_human_output(live_service: LocalService, photo_files: list[Path])
             ],
             "cannot reach",
         ),
-        (["infer", "{photo}", "--zstd-level", "99", "--split", "3"], "zstd level"),
+        (["infer", "{photo}", "--zstd-level", "99", "--split", "3"], "--zstd-level: must be 1..22"),
+        (["infer", "{photo}", "--jpeg-quality", "q"], "--jpeg-quality: expected an integer"),
+        (["infer"], "required: IMAGE"),
         (["infer", "{photo}", "--split", "3", "--server", "not a url"], "error"),
     ],
-    ids=["missing-file", "unknown-split", "unknown-model", "no-service", "bad-level", "bad-url"],
+    ids=[
+        "missing-file",
+        "unknown-split",
+        "unknown-model",
+        "no-service",
+        "bad-level",
+        "bad-flag-value",
+        "missing-argument",
+        "bad-url",
+    ],
 )
 def test_errors_are_one_line_without_traceback(
     photo_files: list[Path], args: list[str], message: str

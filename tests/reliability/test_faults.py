@@ -4,16 +4,13 @@ against services that fail in every way."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from itertools import product
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from bench.reliability_fakes import BEHAVIOURS
 from bench.reliability_faults import (
-    cli_against,
+    cli_against_all,
     kill_and_restart,
     overload,
     stalled_connection,
@@ -73,14 +70,7 @@ def test_cli_never_shows_a_traceback(
     device, or exactly one error line and exit 1; never a traceback."""
     image = tmp_path / "coffee.jpg"
     photos["coffee"].save(image, quality=95)
-    jobs = list(product(BEHAVIOURS, (True, False)))
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        outcomes = list(
-            pool.map(
-                lambda job: cli_against(job[0], image, local_top1["coffee"], fallback=job[1]),
-                jobs,
-            )
-        )
+    outcomes = cli_against_all(image, local_top1["coffee"], workers=3)
     broken = {(o.behaviour, o.fallback): (o.problems, o.stderr[-300:]) for o in outcomes
               if o.problems}  # fmt: skip
     assert not broken, broken

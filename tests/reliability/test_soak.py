@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from bench.reliability_soak import rss_bytes, run_soak
+from bench.reliability_soak import rss_bytes, run_soak, soak_frames
 from device_client.local_service import LocalService
 from device_client.runtime import DeviceRuntime
-from shared.preprocess import preprocess
 
 MODEL = "efficientnet_lite0"
 SPLIT = "_blocks.14"  # late and cheap: the soak measures the service, not the model
@@ -22,15 +21,7 @@ SPLIT = "_blocks.14"  # late and cheap: the soak measures the service, not the m
 def test_soak_has_no_errors_and_flat_memory(
     device_runtime: DeviceRuntime, photos: dict[str, Image.Image]
 ) -> None:
-    point = device_runtime.point(SPLIT)
-    frames = [
-        device_runtime.encode(
-            point,
-            device_runtime.run_head(point, preprocess(image, device_runtime.spec.preprocessing)),
-            f"soak-{name}",
-        )
-        for name, image in photos.items()
-    ]
+    frames = soak_frames(device_runtime, photos, SPLIT)
     with LocalService(models=[MODEL], env={"SPLITSERVE_PROFILE_REPEATS": "0"}) as service:
         assert service.process is not None
         report = run_soak(
