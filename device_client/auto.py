@@ -1,6 +1,10 @@
 """``--split auto``: the planner fed with live figures from both sides and from the link.
 
-Device costs come from the cached profile, refreshed by what each inference actually cost; the
+Device costs come from the cached profile, scaled by how fast the device has actually been
+lately: one factor, live device time over profiled device time, learnt from whatever candidate
+ran. A board that throttles, or shares its CPU, makes every device-side cost dearer, not only
+the candidate it happened to run; otherwise the planner would keep the profile's figures for
+the candidates it is comparing against. Payload sizes are learnt per candidate. The
 service's costs from its metadata (refetched every ``metadata_ttl_s``); the link from the
 estimator, which learns from every request and probes the service when it has nothing recent.
 The planner's hysteresis keeps the choice from flapping between near-equal candidates.
@@ -29,7 +33,9 @@ from shared.planner import (
 
 __all__ = ["AutoSplit"]
 
-_EWMA_ALPHA = 0.2  # live costs replace the profile's within ~10 inferences
+_EWMA_ALPHA = 0.2  # live figures replace the profile's within ~10 inferences
+_SPEED_MIN_MS = 5.0  # a candidate this cheap on the device says little about its speed
+_SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the factor this far
 
 
 class AutoSplit:
@@ -49,7 +55,8 @@ class AutoSplit:
         self.hysteresis = hysteresis
         self.current: str | None = None
         self.last_plan: Plan | None = None
-        self._costs = {c.split: c for c in profile.costs}
+        self.speed = 1.0  # live device time / profiled device time
+        self._payload_bytes = {c.split: float(c.payload_bytes) for c in profile.costs}
         self._server: ServerProfile | None = None
         self._server_at = -float("inf")
         self._ttl_s = metadata_ttl_s
@@ -63,26 +70,40 @@ class AutoSplit:
         server, link = await self._server_profile(), await self._link()
         if server is None or link is None:
             server, link = ServerProfile.of({}), LinkEstimate(uplink_bps=1.0, rtt_ms=0.0)
-        device = replace(self.profile, costs=tuple(self._costs.values()))
-        plan = choose(device, server, link, current=self.current, hysteresis=self.hysteresis)
+        plan = choose(self.device_profile(), server, link, current=self.current,
+                      hysteresis=self.hysteresis)
         self.current, self.last_plan = plan.chosen, plan
         return plan
 
+    def device_profile(self) -> DeviceProfile:
+        """The profile as the planner sees it now: device times scaled by ``speed``, payloads
+        as learnt."""
+        costs = tuple(
+            DeviceCost(c.split, c.head_ms * self.speed, c.encode_ms * self.speed,
+                       round(self._payload_bytes[c.split]))
+            for c in self.profile.costs)
+        return replace(self.profile, costs=costs)
+
     def observe(self, result: InferenceResult) -> None:
-        """Learn from one inference: the link from its round trip, device costs from its run."""
+        """Learn from one inference: the link from its round trip, the device's speed and the
+        candidate's payload from its run."""
         if result.fallback is not None:
             self._server_at = -float("inf")  # the service failed: refetch before trusting it
             return
         t = result.timings
         if result.ran != DEVICE:
             self.estimator.observe(result.bytes_sent, t.network + t.server, t.server)
-        old = self._costs.get(result.split)
-        if old is None:
+        if result.split not in self._payload_bytes:
             return
-        head, encode = (t.head, 0.0) if result.split == DEVICE else (t.head, t.encode)
-        self._costs[result.split] = DeviceCost(
-            old.split, _ewma(old.head_ms, head), _ewma(old.encode_ms, encode),
-            round(_ewma(old.payload_bytes, result.bytes_sent)))
+        profiled = self.profile.cost(result.split)
+        self._payload_bytes[result.split] = _ewma(
+            self._payload_bytes[result.split], result.bytes_sent)
+        profiled_ms = profiled.head_ms + profiled.encode_ms
+        if profiled_ms >= _SPEED_MIN_MS:
+            low, high = _SPEED_BOUNDS
+            live_ms = t.head + (0.0 if result.split == DEVICE else t.encode)
+            ratio = min(max(live_ms / profiled_ms, low), high)
+            self.speed = _ewma(self.speed, ratio)
 
     async def _server_profile(self) -> ServerProfile | None:
         if self._server is None or self._clock() - self._server_at > self._ttl_s:

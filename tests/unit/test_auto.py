@@ -1,0 +1,70 @@
+"""``AutoSplit`` learning from results, without a network: the device's speed and payloads."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from device_client.auto import AutoSplit
+from device_client.client import ServiceClient
+from device_client.results import InferenceResult, Timings
+from shared.planner import CLOUD, DEVICE, DeviceCost, DeviceProfile
+
+PROFILE = DeviceProfile("m", "f" * 16, (
+    DeviceCost(DEVICE, 100.0, 0.0, 0),
+    DeviceCost(CLOUD, 0.0, 1.0, 20_000),
+    DeviceCost("early", 0.5, 1.5, 200_000),  # too cheap on the device to say anything of its speed
+    DeviceCost("mid", 50.0, 2.0, 10_000),
+))
+
+
+def _result(split: str, head: float, encode: float = 0.0, sent: int = 0,
+            fallback: str | None = None) -> InferenceResult:
+    ran = "device" if split == DEVICE or fallback else ("cloud" if split == CLOUD else "split")
+    return InferenceResult("x.jpg", split, ran, (), sent,  # type: ignore[arg-type]
+                           Timings(head=head, encode=encode, network=5.0, server=3.0),
+                           requested="auto", fallback=fallback)
+
+
+def _learn(results: list[InferenceResult]) -> AutoSplit:
+    async def run() -> AutoSplit:
+        async with ServiceClient("http://s.test",
+                                 transport=httpx.MockTransport(lambda r: httpx.Response(500))
+                                 ) as client:
+            auto = AutoSplit(client, PROFILE)
+            for result in results:
+                auto.observe(result)
+            return auto
+
+    return asyncio.run(run())
+
+
+def test_a_slower_device_makes_every_device_cost_dearer() -> None:
+    auto = _learn([_result(DEVICE, 200.0)] * 30)  # the device now takes twice its profile
+    assert auto.speed == pytest.approx(2.0, rel=0.01)
+    seen = auto.device_profile()
+    assert seen.cost("mid").head_ms == pytest.approx(100.0, rel=0.01)  # never ran, still scaled
+    assert seen.cost("mid").encode_ms == pytest.approx(4.0, rel=0.01)
+    assert seen.cost(DEVICE).head_ms == pytest.approx(200.0, rel=0.01)
+    assert [c.payload_bytes for c in seen.costs] == [c.payload_bytes for c in PROFILE.costs]
+
+
+def test_speed_is_learnt_from_splits_too_and_payloads_per_candidate() -> None:
+    auto = _learn([_result("mid", 26.0, 0.0, sent=5_000)] * 30)  # half the profiled 52 ms
+    assert auto.speed == pytest.approx(0.5, rel=0.01)
+    seen = auto.device_profile()
+    assert seen.cost(DEVICE).head_ms == pytest.approx(50.0, rel=0.01)
+    assert seen.cost("mid").payload_bytes == pytest.approx(5_000, rel=0.01)
+    assert seen.cost(CLOUD).payload_bytes == 20_000
+
+
+def test_cheap_candidates_fallbacks_and_outliers_do_not_move_the_speed() -> None:
+    auto = _learn([_result(CLOUD, 0.0, 9.0, sent=18_000)] * 10
+                  + [_result("early", 40.0, 40.0, sent=150_000)] * 10
+                  + [_result("mid", 5_000.0, 0.0, fallback="connection: refused")])
+    assert auto.speed == 1.0
+    assert auto.device_profile().cost(CLOUD).payload_bytes < 20_000  # but payloads are learnt
+    one_pause = _learn([_result(DEVICE, 100_000.0)])  # a single page-in or GC pause
+    assert one_pause.speed == pytest.approx(1.0 + 0.2 * (5.0 - 1.0))
