@@ -4,9 +4,13 @@ Device costs come from the cached profile, scaled by how fast the device has act
 lately: one factor, live device time over profiled device time, learnt from whatever candidate
 ran. A board that throttles, or shares its CPU, makes every device-side cost dearer, not only
 the candidate it happened to run; otherwise the planner would keep the profile's figures for
-the candidates it is comparing against. Payload sizes are learnt per candidate. The
-service's costs from its metadata (refetched every ``metadata_ttl_s``); the link from the
-estimator, which learns from every request and probes the service when it has nothing recent.
+the candidates it is comparing against. Payload sizes are learnt per candidate.
+
+The service's costs come from its metadata, refetched every ``metadata_ttl_s`` in the
+background: an expired profile is used while the fresh one arrives, since a refetch costs an
+RTT and a few KB (0.2 s on 3G) and must not sit on a request's path every half minute. The link
+comes from the estimator, which learns from every request and probes the service when it has
+nothing recent.
 The planner's hysteresis keeps the choice from flapping between near-equal candidates.
 """
 
@@ -59,6 +63,7 @@ class AutoSplit:
         self._payload_bytes = {c.split: float(c.payload_bytes) for c in profile.costs}
         self._server: ServerProfile | None = None
         self._server_at = -float("inf")
+        self._refresh: asyncio.Task[ServerProfile | None] | None = None
         self._ttl_s = metadata_ttl_s
         self._timeout_s = timeout_s  # planning must not hang on a stalled service
         self._reprobe_s = reprobe_s
@@ -88,7 +93,7 @@ class AutoSplit:
         """Learn from one inference: the link from its round trip, the device's speed and the
         candidate's payload from its run."""
         if result.fallback is not None:
-            self._server_at = -float("inf")  # the service failed: refetch before trusting it
+            self._server = None  # the service failed: refetch, and wait for it, before trusting it
             return
         t = result.timings
         if result.ran != DEVICE:
@@ -106,17 +111,31 @@ class AutoSplit:
             self.speed = _ewma(self.speed, ratio)
 
     async def _server_profile(self) -> ServerProfile | None:
-        if self._server is None or self._clock() - self._server_at > self._ttl_s:
-            try:
-                meta = await asyncio.wait_for(
-                    self.client.metadata(self.profile.model, timeout_s=self._timeout_s),
-                    self._timeout_s)
-            except (ServiceUnavailableError, TimeoutError):
-                self._server = None
-                return None
-            self._server = ServerProfile.from_metadata(meta)
-            self._server_at = self._clock()
+        """The service's costs: fetched and waited for the first time and after a failure,
+        else the last ones, refreshed in the background once older than the TTL."""
+        if self._server is None:
+            return await self._fetch_server()
+        if self._clock() - self._server_at > self._ttl_s and self._refresh is None:
+            self._refresh = asyncio.create_task(self._fetch_server())
+            self._refresh.add_done_callback(self._refreshed)
         return self._server
+
+    async def _fetch_server(self) -> ServerProfile | None:
+        try:
+            meta = await asyncio.wait_for(
+                self.client.metadata(self.profile.model, timeout_s=self._timeout_s),
+                self._timeout_s)
+        except (ServiceUnavailableError, TimeoutError):
+            self._server = None
+            return None
+        self._server = ServerProfile.from_metadata(meta)
+        self._server_at = self._clock()
+        return self._server
+
+    def _refreshed(self, task: asyncio.Task[ServerProfile | None]) -> None:
+        self._refresh = None
+        if not task.cancelled() and task.exception() is not None:
+            self._server = None  # the next plan fetches in the open, and raises what is wrong
 
     async def _link(self) -> LinkEstimate | None:
         link = self.estimator.estimate()

@@ -68,3 +68,76 @@ def test_cheap_candidates_fallbacks_and_outliers_do_not_move_the_speed() -> None
     assert auto.device_profile().cost(CLOUD).payload_bytes < 20_000  # but payloads are learnt
     one_pause = _learn([_result(DEVICE, 100_000.0)])  # a single page-in or GC pause
     assert one_pause.speed == pytest.approx(1.0 + 0.2 * (5.0 - 1.0))
+
+
+# --- the service's profile: fetched once, then refreshed off the request's path -----------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _metadata_service(server_ms: list[float], gets: list[float], fail: list[bool]
+                      ) -> httpx.MockTransport:
+    """Metadata whose `mid` figure is the head of ``server_ms``; probes answer instantly."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/probe"):
+            return httpx.Response(200, json={"received_bytes": len(request.content),
+                                             "server_ms": 0.0})
+        gets.append(server_ms[0])
+        if fail[0]:
+            return httpx.Response(503, json={"error": "loading"})
+        return httpx.Response(200, json={"server_ms": 30.0, "queue_ms": 0.0, "split_points": [
+            {"name": "early", "server_ms": 40.0}, {"name": "mid", "server_ms": server_ms[0]}]})
+
+    return httpx.MockTransport(handler)
+
+
+def test_an_expired_service_profile_is_refreshed_in_the_background() -> None:
+    server_ms, gets, fail, clock = [20.0], [], [False], _Clock()
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test",
+                                 transport=_metadata_service(server_ms, gets, fail)) as client:
+            auto = AutoSplit(client, PROFILE, metadata_ttl_s=30.0, clock=clock)
+            plan = await auto.plan()
+            assert len(gets) == 1 and plan.estimate("mid").server_ms == 20.0
+            clock.now, server_ms[0] = 10.0, 25.0
+            await auto.plan()
+            assert len(gets) == 1  # within the TTL: no refetch
+            clock.now = 31.0
+            plan = await auto.plan()
+            assert plan.estimate("mid").server_ms == 20.0  # planned at once with what it had
+            await asyncio.sleep(0.01)  # the refresh lands in the background
+            assert len(gets) == 2
+            assert (await auto.plan()).estimate("mid").server_ms == 25.0
+
+    asyncio.run(run())
+
+
+def test_after_a_failure_the_service_profile_is_fetched_before_planning() -> None:
+    server_ms, gets, fail, clock = [20.0], [], [False], _Clock()
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test",
+                                 transport=_metadata_service(server_ms, gets, fail)) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock)
+            await auto.plan()
+            auto.observe(_result("mid", 50.0, 2.0, sent=10_000, fallback="http_503: loading"))
+            server_ms[0] = 60.0
+            plan = await auto.plan()
+            assert len(gets) == 2 and plan.estimate("mid").server_ms == 60.0  # waited for it
+            # A background refresh that fails is not trusted either: the next plan refetches.
+            clock.now, fail[0] = 100.0, True
+            await auto.plan()
+            await asyncio.sleep(0.01)
+            fail[0] = False
+            await auto.plan()
+            assert len(gets) == 4
+
+    asyncio.run(run())

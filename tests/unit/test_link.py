@@ -259,15 +259,29 @@ def test_stale_samples_drop_out() -> None:
     assert link.estimator.needs_probe()
 
 
-def test_large_traffic_alone_does_not_keep_a_stale_rtt() -> None:
+def test_steady_traffic_keeps_the_probed_rtt_for_rtt_max_age_s() -> None:
+    """Inference bodies are all large and alike, so they can't tell RTT from bandwidth: the
+    probe's RTT carries them, without a probe on a request's path every 30 s, for 5 minutes."""
     link = Link(40.0, 8e6)
     link.probe()
-    for _ in range(40):  # 20 s of inference traffic, all the same size
+    for _ in range(590):  # 295 s of inference traffic, all the same size
         link.send(20_000)
-    assert not link.estimator.needs_probe()  # the probe's small samples are 20 s old
-    for _ in range(22):
+    assert_close(link.estimate(), 40.0, 8e6, rel=1e-3)
+    for _ in range(12):
         link.send(20_000)
-    assert link.estimator.needs_probe()  # now 31 s old: the RTT is unknown again
+    assert link.estimator.needs_probe()  # the probe's small samples are 301 s old
+
+
+def test_an_old_rtt_does_not_survive_a_link_change() -> None:
+    link = Link(10.0, 30e6)
+    link.probe()
+    for _ in range(100):  # 50 s of steady traffic: the probe's RTT is still in use
+        link.send(20_000)
+    assert link.estimate().rtt_ms == pytest.approx(10.0, rel=1e-3)
+    link.rtt_ms, link.bps = 150.0, 1.6e6
+    link.send(20_000)
+    link.send(20_000)
+    assert link.estimator.needs_probe()  # the change detector dropped the old RTT with the rest
 
 
 def test_window_must_hold_a_sample() -> None:
@@ -275,6 +289,8 @@ def test_window_must_hold_a_sample() -> None:
         LinkEstimator(window=0)
     with pytest.raises(ValueError):
         LinkEstimator(max_age_s=0.0)
+    with pytest.raises(ValueError):
+        LinkEstimator(max_age_s=60.0, rtt_max_age_s=30.0)
 
 
 # --- probe sizes and probe() ---------------------------------------------------------------------
