@@ -1,7 +1,7 @@
 """Command-line parsing shared by ``device_client``, ``cloud_server`` and ``bench``.
 
-A usage error is one line, ``TOOL: error: argument --x: must be >= 1, got 0 (see --help)``, and
-exit 2: argparse's default dumps the whole usage block first, which buries the one line that
+A usage error is one line, ``TOOL: error: argument --x: must be >= 1, got 0 (see PROG --help)``,
+and exit 2: argparse's default dumps the whole usage block first, which buries the one line that
 matters. Value types check their bounds, so a bad flag is refused up front, never clamped and
 never a traceback from deep inside. NaN and infinities are refused: they pass every
 comparison-based bound check the wrong way.
