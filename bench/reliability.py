@@ -59,7 +59,7 @@ from bench.reliability_fuzz import (
     still_serving,
 )
 from bench.reliability_mutate import extreme_frame, frame_cases
-from bench.reliability_soak import run_soak, soak_frames
+from bench.reliability_soak import soak_frames, soak_local_service
 from device_client.local_service import LocalService
 from device_client.runtime import DeviceRuntime
 from device_client.samples import sample_photos
@@ -259,18 +259,9 @@ def _soak(
     runtime: DeviceRuntime, photos: dict[str, Image.Image], requests: int, concurrency: int
 ) -> dict[str, Any]:
     frames = soak_frames(runtime, photos, SOAK_SPLIT)
-    with LocalService(models=[MODEL], env=FAST_START) as service:
-        assert service.process is not None
-        soak = run_soak(
-            service.url,
-            service.process.pid,
-            f"/v2/models/{MODEL}/splits/{SOAK_SPLIT}/infer",
-            frames,
-            requests=requests,
-            concurrency=concurrency,
-            warmup=500,
-        )
-        alive = service.process.poll() is None
+    soak, alive = soak_local_service(
+        MODEL, SOAK_SPLIT, frames, requests=requests, concurrency=concurrency
+    )
     return {**soak.to_json(), "split": SOAK_SPLIT, "alive_after": alive}
 
 

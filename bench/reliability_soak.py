@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from device_client.local_service import LocalService
 from shared import wire
 from shared.preprocess import preprocess
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from device_client.runtime import DeviceRuntime
 
-__all__ = ["SoakReport", "rss_bytes", "run_soak", "soak_frames"]
+__all__ = ["SoakReport", "rss_bytes", "run_soak", "soak_frames", "soak_local_service"]
 
 
 def soak_frames(runtime: DeviceRuntime, photos: dict[str, Image.Image], split: str) -> list[bytes]:
@@ -169,3 +170,28 @@ async def _soak(
         max(rss for _, _, rss in series),
         series,
     )
+
+
+def soak_local_service(
+    model: str,
+    split: str,
+    frames: list[bytes],
+    *,
+    requests: int,
+    concurrency: int,
+    warmup: int = 500,
+) -> tuple[SoakReport, bool]:
+    """``run_soak`` against a fresh service on loopback (start-up profiling off: the soak
+    measures serving, not start-up), and whether the service was still alive at the end."""
+    with LocalService(models=[model], env={"SPLITSERVE_PROFILE_REPEATS": "0"}) as service:
+        assert service.process is not None
+        report = run_soak(
+            service.url,
+            service.process.pid,
+            f"/v2/models/{model}/splits/{split}/infer",
+            frames,
+            requests=requests,
+            concurrency=concurrency,
+            warmup=warmup,
+        )
+        return report, service.process.poll() is None

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from bench.reliability_soak import rss_bytes, run_soak, soak_frames
-from device_client.local_service import LocalService
+from bench.reliability_soak import rss_bytes, soak_frames, soak_local_service
 from device_client.runtime import DeviceRuntime
 
 MODEL = "efficientnet_lite0"
@@ -22,18 +21,8 @@ def test_soak_has_no_errors_and_flat_memory(
     device_runtime: DeviceRuntime, photos: dict[str, Image.Image]
 ) -> None:
     frames = soak_frames(device_runtime, photos, SPLIT)
-    with LocalService(models=[MODEL], env={"SPLITSERVE_PROFILE_REPEATS": "0"}) as service:
-        assert service.process is not None
-        report = run_soak(
-            service.url,
-            service.process.pid,
-            f"/v2/models/{MODEL}/splits/{SPLIT}/infer",
-            frames,
-            requests=2_000,
-            concurrency=8,
-            warmup=500,
-        )
-        assert service.process.poll() is None
+    report, alive = soak_local_service(MODEL, SPLIT, frames, requests=2_000, concurrency=8)
+    assert alive
     assert report.errors == 0, report.error_examples
     assert report.rss_growth < 0.10, (report.rss_start, report.rss_end)
     assert len(report.samples) > 100 and report.samples[-1][0] == 2_000
