@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -50,6 +51,20 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def exposed_without_keys(settings: Settings) -> bool:
+    """True when the service listens beyond loopback (not 127.0.0.0/8, ::1 or localhost) and
+    takes no API key: anyone who can reach the port can use it."""
+    if settings.api_keys:
+        return False
+    host = settings.host.strip("[]")
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: it may resolve to any interface
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(_parse(argv))
@@ -58,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if exposed_without_keys(settings):
+        logging.getLogger("cloud_server").warning(
+            "listening on %s with no API key: anyone who can reach port %d can use this service;"
+            " set SPLITSERVE_API_KEYS, or bind 127.0.0.1", settings.host, settings.port)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, timeout_graceful_shutdown=int(
                     settings.graceful_shutdown_s), ssl_certfile=settings.ssl_certfile,

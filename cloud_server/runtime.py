@@ -12,17 +12,17 @@ import torch
 from torch import fx, nn
 
 from shared import codec, wire
+from shared.candidates import WHOLE_MODEL
 from shared.errors import FingerprintMismatchError, ShapeMismatchError
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.partition import Partitioner, SplitPoint
 from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess, reference_photo
 from shared.timing import median_ms
 
-__all__ = ["FULL", "ModelRuntime", "keep_freed_memory", "load_runtime"]
+__all__ = ["ModelRuntime", "keep_freed_memory", "load_runtime"]
 
 log = logging.getLogger("cloud_server")
 
-FULL = "full"  # batcher key of the whole model (the `cloud` candidate and OIP JSON inference)
 _EWMA_ALPHA = 0.1  # live traffic refreshes the start-up profile slowly: one outlier moves 10%
 
 # glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets.
@@ -44,8 +44,8 @@ class ModelRuntime:
     points: list[SplitPoint]
     tails: dict[str, fx.GraphModule]
     partitioner: Partitioner
-    # Decode + compute at batch 1 in ms, per split point name and for FULL; profiled at start-up,
-    # then refreshed from live traffic.
+    # Decode + compute at batch 1 in ms, per split point name and for WHOLE_MODEL; profiled at
+    # start-up, then refreshed from live traffic.
     server_ms: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -74,8 +74,8 @@ class ModelRuntime:
         return preprocess(load_image(body), self.spec.preprocessing)
 
     def run(self, key: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Run the tail of split point ``key``, or the whole model for FULL."""
-        module = self.model if key == FULL else self.tails[key]
+        """Run the tail of split point ``key``, or the whole model for WHOLE_MODEL."""
+        module = self.model if key == WHOLE_MODEL else self.tails[key]
         with torch.inference_mode():
             out = module(*inputs)
         if not isinstance(out, torch.Tensor):
@@ -89,7 +89,7 @@ class ModelRuntime:
             self.server_ms[key] = ms if old is None else old + _EWMA_ALPHA * (ms - old)
 
     def profile(self, repeats: int) -> None:
-        """Measure decode + tail at batch 1 for every split point, and decode + model for FULL.
+        """Measure decode + tail at batch 1 for every split point, and decode + whole model.
 
         Inputs are the model's own activations on a real photo, encoded as the device would, so
         decode time includes real zstd work.
@@ -99,8 +99,10 @@ class ModelRuntime:
         image = center_crop(reference_photo(), self.spec.preprocessing)
         x = preprocess(image, self.spec.preprocessing)
         jpeg = encode_jpeg(image)
-        measured = {FULL: median_ms(lambda: self.run(FULL, (self.decode_image(jpeg),)),
-                                    repeats=repeats)}
+        def whole() -> None:
+            self.run(WHOLE_MODEL, (self.decode_image(jpeg),))
+
+        measured = {WHOLE_MODEL: median_ms(whole, repeats=repeats)}
         for point in self.points:
             head, _ = self.partitioner.split(point)
             with torch.inference_mode():

@@ -59,6 +59,9 @@ class AutoSplit:
         self.hysteresis = hysteresis
         self.current: str | None = None
         self.last_plan: Plan | None = None
+        # Why the last plan had to do without the service (it picked `device`), else None.
+        self.unreachable: ServiceUnavailableError | None = None
+        self._missed: ServiceUnavailableError | None = None
         self.speed = 1.0  # live device time / profiled device time
         self._payload_bytes = {c.split: float(c.payload_bytes) for c in profile.costs}
         self._server: ServerProfile | None = None
@@ -71,8 +74,10 @@ class AutoSplit:
         self._clock = clock
 
     async def plan(self) -> Plan:
-        """Choose a candidate now. Never raises for an unreachable service: it plans `device`."""
+        """Choose a candidate now. Never raises for an unreachable service: it plans `device`,
+        and ``unreachable`` says why."""
         server, link = await self._server_profile(), await self._link()
+        self.unreachable = self._missed if server is None or link is None else None
         if server is None or link is None:
             server, link = ServerProfile.of({}), LinkEstimate(uplink_bps=1.0, rtt_ms=0.0)
         plan = choose(self.device_profile(), server, link, current=self.current,
@@ -125,8 +130,8 @@ class AutoSplit:
             meta = await asyncio.wait_for(
                 self.client.metadata(self.profile.model, timeout_s=self._timeout_s),
                 self._timeout_s)
-        except (ServiceUnavailableError, TimeoutError):
-            self._server = None
+        except (ServiceUnavailableError, TimeoutError) as exc:
+            self._server, self._missed = None, self._unavailable(exc)
             return None
         self._server = ServerProfile.from_metadata(meta)
         self._server_at = self._clock()
@@ -151,11 +156,17 @@ class AutoSplit:
             try:
                 link = await asyncio.wait_for(
                     probe(self.client, self.profile.model, self.estimator), self._timeout_s)
-            except (ServiceUnavailableError, TimeoutError):
+            except (ServiceUnavailableError, TimeoutError) as exc:
                 self.estimator.probe_failed = True  # next time, a probe that fits
+                self._missed = self._unavailable(exc)
                 return None
             self.estimator.probe_failed = link is None
         return link
+
+    def _unavailable(self, exc: Exception) -> ServiceUnavailableError:
+        if isinstance(exc, ServiceUnavailableError):
+            return exc
+        return ServiceUnavailableError(f"no answer within {self._timeout_s:g} s", reason="timeout")
 
 
 def _ewma(old: float, new: float) -> float:

@@ -23,6 +23,7 @@ from device_client.plan_cmd import device_profile, run_plan, run_profile
 from device_client.results import InferenceResult
 from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared import cliargs
+from shared.candidates import AUTO, CLOUD, DEVICE
 from shared.cpu import cpu_limit
 from shared.errors import SplitServeError
 from shared.preprocess import load_image
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", help="classify images, cutting the model at --split")
     infer.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/WebP files")
     _common(infer)
-    infer.add_argument("--split", default="auto",
+    infer.add_argument("--split", default=AUTO,
                        help="device | cloud | a split point name or index | auto (default)")
     infer.add_argument("--json", action="store_true", help="one JSON object per image")
     infer.add_argument("--no-fallback", action="store_true",
@@ -73,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=DEFAULT_SERVER, help=f"default {DEFAULT_SERVER}")
+    p.add_argument("--server", type=cliargs.service_url, default=DEFAULT_SERVER,
+                   help=f"http(s)://host[:port], default {DEFAULT_SERVER}")
     p.add_argument("--api-key", default=None, help=f"default ${API_KEY_ENV}")
     p.add_argument("--timeout", type=cliargs.real(above=0), default=30.0, metavar="S",
                    help="per-request deadline in seconds")
@@ -132,11 +134,11 @@ def _fail(exc: BaseException, prefix: str = "") -> int:
 async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: EncodeOptions
                  ) -> int:
     failures = 0
-    needs_service = args.split != "device"
+    needs_service = args.split != DEVICE
     async with ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout,
                              verify=tls_verify(args.ca_cert)) as client:
         auto = None
-        if args.split == "auto":
+        if args.split == AUTO:
             auto = AutoSplit(client, device_profile(runtime, options,
                                                     jpeg_quality=args.jpeg_quality)[0])
         device = Device(runtime, client if needs_service else None, options=options,
@@ -165,7 +167,7 @@ def _print(result: InferenceResult, runtime: DeviceRuntime, as_json: bool) -> No
         print(f"  {rank}. {p.label:<28} {p.prob:7.2%}  (class {p.index})")
     t = result.timings
     baseline = ""
-    if result.split not in ("device", "cloud"):
+    if result.split not in (DEVICE, CLOUD):
         f32 = runtime.point(result.split).float32_bytes
         baseline = f" of {f32:,} float32 ({result.bytes_sent / f32:.1%})"
     print(f"  sent {result.bytes_sent:,} B{baseline} | head {t.head:.1f} ms, encode "

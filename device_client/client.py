@@ -3,8 +3,9 @@
 Async at the core (``ServiceClient``). It takes an httpx transport, so unit tests run it against
 the app in-process (``httpx.ASGITransport``) and integration tests against a real uvicorn.
 Every httpx error becomes a splitserve error here: ``ServiceUnavailableError`` when the device
-may fall back (connect error, timeout, 5xx, 503), ``ServiceRejectedError`` / ``AuthError`` when
-the request itself is wrong (4xx).
+may fall back (connect error, timeout, 5xx, 503, a body that is not JSON), ``ServiceRejectedError``
+/ ``AuthError`` when the request itself is wrong (4xx). Every answer is parsed through the
+contract (``shared.schemas``): JSON that breaks it is a ``ServiceError`` naming the field.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from shared.errors import (
     AuthError,
@@ -24,11 +26,14 @@ from shared.errors import (
     ServiceUnavailableError,
 )
 from shared.predictions import Prediction
+from shared.schemas import ErrorBody, InferResponse, ModelMetadata, ProbeResponse, parse
 from shared.wire import CONTENT_TYPE
 
 __all__ = ["API_KEY_ENV", "Reply", "ServiceClient", "tls_verify"]
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,9 @@ class ServiceClient:
             return False
         return response.status_code == 200
 
-    async def metadata(self, model: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+    async def metadata(self, model: str, *, timeout_s: float | None = None) -> ModelMetadata:
         response = await self._request("GET", f"/v2/models/{model}", timeout_s=timeout_s)
-        body = self._json(response)
-        if not isinstance(body, dict):
-            raise self._malformed(response, "metadata is not a JSON object")
-        return body
+        return self._parse(ModelMetadata, response)
 
     async def infer_split(self, model: str, split: str, frame: bytes, *,
                           timeout_s: float | None = None, top_k: int = 5) -> Reply:
@@ -121,11 +123,7 @@ class ServiceClient:
             "POST", f"/v2/models/{model}/probe", content=payload, timeout_s=timeout_s,
             headers={"Content-Type": "application/octet-stream"})
         round_trip_ms = (time.perf_counter() - started) * 1e3
-        body = self._json(response)
-        try:
-            return round_trip_ms, float(body.get("server_ms", 0.0))
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise self._malformed(response, exc) from exc
+        return round_trip_ms, self._parse(ProbeResponse, response).server_ms
 
     async def _infer(self, path: str, body: bytes, content_type: str, timeout_s: float | None,
                      top_k: int) -> Reply:
@@ -136,16 +134,15 @@ class ServiceClient:
         response = await self._request("POST", path, content=body, headers=headers,
                                        params={"top_k": top_k}, timeout_s=timeout_s)
         round_trip_ms = (time.perf_counter() - started) * 1e3
-        data = self._json(response)
-        try:
-            timings = data["timings_ms"]
-            predictions = tuple(Prediction(int(p["index"]), str(p["label"]), float(p["prob"]))
-                                for p in data["top_k"][0])
-            return Reply(predictions, float(timings["decode"]), float(timings["queue"]),
-                         float(timings["compute"]), int(data["batch_size"]), round_trip_ms,
-                         len(body))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise self._malformed(response, exc) from exc
+        answer = self._parse(InferResponse, response)
+        timings = answer.timings_ms
+        predictions = tuple(Prediction(p.index, p.label, p.prob) for p in answer.top_k[0])
+        return Reply(predictions, timings.decode, timings.queue, timings.compute,
+                     answer.batch_size, round_trip_ms, len(body))
+
+    def _parse(self, body: type[Body], response: httpx.Response) -> Body:
+        """The answer as ``body``: ``ServiceError`` naming the field if it breaks the contract."""
+        return parse(body, self._json(response), source=f"service answer from {self.base_url}")
 
     def _json(self, response: httpx.Response) -> Any:
         """The body as JSON. A body that isn't JSON is the service failing, not the request."""
@@ -201,6 +198,6 @@ def tls_verify(ca_cert: str | None) -> ssl.SSLContext | bool:
 
 def _error_message(response: httpx.Response) -> str:
     try:
-        return str(response.json()["error"])
-    except (ValueError, KeyError, TypeError, RecursionError):
+        return ErrorBody.model_validate_json(response.content, strict=True).error
+    except ValueError:  # pydantic's ValidationError too: not an error body, show what came
         return response.text[:200] or response.reason_phrase

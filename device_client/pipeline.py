@@ -23,14 +23,13 @@ from device_client.breaker import CircuitBreaker
 from device_client.client import Reply, ServiceClient
 from device_client.results import InferenceResult, Ran, Timings
 from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared.candidates import AUTO, CLOUD, DEVICE
 from shared.errors import ConfigError, ServiceUnavailableError
 from shared.partition import SplitPoint
 from shared.predictions import Prediction, top_k
 from shared.preprocess import center_crop, encode_jpeg, to_tensor
 
-__all__ = ["DEVICE", "CLOUD", "AUTO", "Device"]
-
-DEVICE, CLOUD, AUTO = "device", "cloud", "auto"
+__all__ = ["AUTO", "CLOUD", "DEVICE", "Device"]  # the names re-exported from shared.candidates
 
 
 class Device:
@@ -60,9 +59,9 @@ class Device:
         if self._checked or self.client is None:
             return
         meta = await self.client.metadata(self.runtime.name)
-        if meta.get("fingerprint") != self.runtime.fingerprint:
+        if meta.fingerprint != self.runtime.fingerprint:
             raise ConfigError(
-                f"the service's {self.runtime.name} weights ({meta.get('fingerprint')}) differ "
+                f"the service's {self.runtime.name} weights ({meta.fingerprint}) differ "
                 f"from this device's ({self.runtime.fingerprint}); deploy the same checkpoint")
         self._checked = True
 
@@ -79,14 +78,21 @@ class Device:
     async def infer(self, image: Image.Image, *, split: str, name: str = "") -> InferenceResult:
         """Classify one image, cutting the network at ``split`` (``auto``: the planner's pick)."""
         chosen = self.resolve(split)
-        predicted_ms = None
+        predicted_ms, missed = None, None
         if chosen == AUTO and self.breaker.state == "open":
-            chosen = DEVICE  # the service is known to be down: don't even plan against it
+            # The service is known to be down: don't even plan against it.
+            chosen, missed = DEVICE, ServiceUnavailableError(self._open_message(),
+                                                             reason="circuit_open")
         elif chosen == AUTO:
             assert self.auto is not None
             plan = await self.auto.plan()
             chosen, predicted_ms = plan.chosen, plan.estimate(plan.chosen).total_ms
+            missed = self.auto.unreachable
+        if missed is not None and not self.fallback:
+            raise missed
         result = await self._run(image, chosen, name, split)
+        if missed is not None:  # planned without the service: say so, as a fixed split does
+            result = replace(result, fallback=f"{missed.reason}: {missed}")
         if self.auto is not None:
             self.auto.observe(result)
         return replace(result, predicted_ms=predicted_ms) if predicted_ms is not None else result

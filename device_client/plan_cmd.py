@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from device_client.client import ServiceClient, tls_verify
 from device_client.link import LinkEstimator, probe
@@ -21,6 +22,7 @@ from shared.planner import DeviceProfile, LinkEstimate, Plan, ServerProfile, cho
 __all__ = ["device_profile", "run_plan", "run_profile"]
 
 _TERMS = ("head_ms", "encode_ms", "rtt_ms", "transfer_ms", "server_ms")
+_UNBOUNDED_COLUMNS = 10_000  # wider than any table: rich then sizes it to its content
 
 
 def device_profile(runtime: DeviceRuntime, options: EncodeOptions, *, jpeg_quality: int = 90,
@@ -59,7 +61,7 @@ def run_profile(args: argparse.Namespace, runtime: DeviceRuntime, options: Encod
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for c in profile.costs:
         table.add_row(c.split, f"{c.head_ms:.2f}", f"{c.encode_ms:.2f}", f"{c.payload_bytes:,}")
-    Console().print(table)
+    _print_table(table)
     return 0
 
 
@@ -106,7 +108,18 @@ def _print_plan(plan: Plan, link: LinkEstimate) -> None:
                       f"{e.encode_ms:.1f}", f"{e.payload_bytes:,}", f"{e.rtt_ms:.1f}",
                       f"{e.transfer_ms:.1f}", f"{e.server_ms:.1f}", f"{e.total_ms:.1f}",
                       style="bold" if e.split == plan.chosen else None)
-    Console().print(table)
+    _print_table(table)
+
+
+def _print_table(table: Table) -> None:
+    """On a terminal, rich fits the table to its width. Piped or logged there is no width to
+    fit, and rich's default of 80 columns would cut names to `encod…`: print whole values, and
+    the title (a cache path) on one line."""
+    if sys.stdout.isatty():
+        Console().print(table)
+        return
+    table.title = Text(str(table.title), no_wrap=True, overflow="ignore")
+    Console(width=_UNBOUNDED_COLUMNS).print(table)
 
 
 def _chart(plan: Plan, path: Path, link: LinkEstimate) -> None:

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from device_client.runtime import DeviceRuntime, EncodeOptions
+from shared.candidates import CLOUD, DEVICE
 from shared.cpu import cgroup_quota
 from shared.errors import ConfigError
-from shared.planner import CLOUD, DEVICE, DeviceCost, DeviceProfile
+from shared.planner import DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo, to_tensor
 from shared.timing import median_ms
 

@@ -14,6 +14,7 @@ import functools
 import math
 from collections.abc import Callable
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,6 +64,20 @@ def real(
         return value
 
     return parse
+
+
+def service_url(text: str) -> str:
+    """An ``http(s)://host[:port][/path]`` URL: ``10.0.0.5:8000`` alone is refused up front, not
+    read as "service down" and fallen back from at every image."""
+    try:
+        url = urlsplit(text.strip())
+        url.port  # noqa: B018  (raises ValueError on a port that is not a number)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(
+            f"expected http(s)://host[:port], got {text!r}")
+    return text.strip()
 
 
 def _check(value: float, text: str, at_least: float | None, at_most: float | None) -> None:

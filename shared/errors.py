@@ -27,9 +27,12 @@ in one exception handler; the device CLI turns each into a one-line message.
     │   └── NotReadyError            still loading models                (HTTP 503)
     ├── DeadlineExceededError        the request's deadline passed       (HTTP 504)
     └── ClientError                  raised by the device client only
-        ├── ServiceUnavailableError  connect error, timeout, 5xx or 503: the device may fall back
-        └── ServiceRejectedError     a 4xx: the request itself is wrong; falling back won't help
-            └── AuthError            401 or 403
+        ├── ServiceUnavailableError  connect error, timeout, 5xx, 503 or a body that is not
+        │                            JSON: the device may fall back
+        ├── ServiceRejectedError     a 4xx: the request itself is wrong; falling back won't help
+        │   └── AuthError            401 or 403
+        └── ServiceError             JSON outside the contract (shared.schemas): a wrong server
+                                     or another version; falling back won't fix it
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "PayloadError",
     "PayloadTooLargeError",
     "RequestTimeoutError",
+    "ServiceError",
     "ServiceRejectedError",
     "ServiceUnavailableError",
     "ShapeMismatchError",
@@ -177,3 +181,10 @@ class ServiceRejectedError(ClientError):
 
 class AuthError(ServiceRejectedError):
     """The service refused the API key (401 missing, 403 wrong)."""
+
+
+class ServiceError(ClientError):
+    """The service answered JSON that breaks the HTTP contract (``shared.schemas``): a missing or
+    wrongly-typed field. The message names the field. ``--server`` points at something that is
+    not a splitserve service, or at another version of it: a configuration error, so the device
+    does not fall back and hide it."""

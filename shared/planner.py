@@ -8,7 +8,8 @@ Every candidate for one inference is costed end to end, and the cheapest one win
                                                                 + server (decode + tail + queue)
 
 from measurements: ``DeviceProfile`` (timed on the device), ``ServerProfile`` (the service's
-``GET /v2/models/{model}`` metadata) and ``LinkEstimate`` (``device_client.link``).
+``GET /v2/models/{model}`` metadata, ``shared.schemas.ModelMetadata``) and ``LinkEstimate``
+(``device_client.link``).
 
     >>> device = DeviceProfile("efficientnet_lite0", "0123abcd", (
     ...     DeviceCost(DEVICE, head_ms=400.0, encode_ms=0.0, payload_bytes=0),
@@ -20,7 +21,7 @@ from measurements: ``DeviceProfile`` (timed on the device), ``ServerProfile`` (t
 
 Errors: a malformed dataclass is a programmer error and raises ``ValueError`` (as ``SplitPoint``
 and ``TensorSpec`` do); metadata that came over the network and doesn't parse raises
-``PayloadError``; looking up a candidate that isn't there raises ``UnknownSplitPointError``.
+``ServiceError``; looking up a candidate that isn't there raises ``UnknownSplitPointError``.
 
 What the model ignores, on purpose:
   * TCP slow start. The connection is kept alive, but after ~1 RTO idle (Linux's
@@ -39,7 +40,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
-from shared.errors import PayloadError, UnknownSplitPointError
+from shared.candidates import CLOUD, DEVICE
+from shared.errors import UnknownSplitPointError
+from shared.schemas import ModelMetadata, parse
 
 __all__ = [
     "CLOUD",
@@ -58,8 +61,6 @@ __all__ = [
     "switch_threshold_ms",
     "transfer_ms",
 ]
-
-DEVICE, CLOUD = "device", "cloud"
 
 # Request line and headers httpx sends with each upload (Host, Accept*, Connection, User-Agent,
 # Content-Type, Content-Length, X-Request-Timeout-Ms, a 32-character bearer key): 364 B measured
@@ -147,35 +148,21 @@ class ServerProfile:
 
     @classmethod
     def from_metadata(
-        cls, meta: Mapping[str, Any], *, missing_ms: float | None = None
+        cls, meta: ModelMetadata | Mapping[str, Any], *, missing_ms: float | None = None
     ) -> ServerProfile:
-        """Parse the service's model metadata (``ServiceClient.metadata``).
+        """The service's costs from its model metadata (``ServiceClient.metadata``, or decoded
+        JSON, parsed through the contract: ``ServiceError`` naming the field if it breaks it).
 
-        ``meta["server_ms"]`` is the whole-model (cloud) figure, ``meta["split_points"][i]``
-        carries ``name`` and ``server_ms``, ``meta["queue_ms"]`` the recent mean queueing.
-        A candidate without a figure is not offered, unless ``missing_ms`` is given: a service
-        started without profiling publishes none, and would otherwise never be tried.
-
-            >>> ServerProfile.from_metadata({"server_ms": 8.0, "queue_ms": 0.5, "split_points":
-            ...     [{"name": "_blocks.5", "server_ms": 6.0}]}).ms("_blocks.5")
-            6.0
+        ``server_ms`` is the whole-model (cloud) figure, each of ``split_points`` carries its
+        ``name`` and ``server_ms``, ``queue_ms`` is the recent mean queueing. A candidate without
+        a figure is not offered, unless ``missing_ms`` is given: a service started without
+        profiling publishes none, and would otherwise never be tried. For example
+        ``ServerProfile.from_metadata(await client.metadata(model)).ms("_blocks.5")``.
         """
-        if not isinstance(meta, Mapping):
-            raise PayloadError(f"model metadata must be an object, got {type(meta).__name__}")
-        points = meta.get("split_points")
-        if not isinstance(points, list):
-            raise PayloadError("model metadata has no split_points list")
-        pairs: dict[str, float | None] = {CLOUD: _meta_ms(meta.get("server_ms"), "server_ms")}
-        for i, point in enumerate(points):
-            name = point.get("name") if isinstance(point, dict) else None
-            if not isinstance(name, str) or not name or name in (DEVICE, CLOUD):
-                raise PayloadError(f"split_points[{i}] has no valid name: {name!r}")
-            if name in pairs:
-                raise PayloadError(f"split point {name!r} is listed twice")
-            pairs[name] = _meta_ms(point.get("server_ms"), f"split_points[{i}].server_ms")
-        queue_ms = _meta_ms(meta.get("queue_ms", 0.0), "queue_ms") or 0.0
+        body = meta if isinstance(meta, ModelMetadata) else parse(ModelMetadata, meta)
+        pairs = {CLOUD: body.server_ms, **{p.name: p.server_ms for p in body.split_points}}
         fill = {k: v if v is not None else missing_ms for k, v in pairs.items()}
-        return cls.of({k: v for k, v in fill.items() if v is not None}, queue_ms=queue_ms)
+        return cls.of({k: v for k, v in fill.items() if v is not None}, queue_ms=body.queue_ms)
 
     def ms(self, split: str) -> float | None:
         """Decode + compute ms for ``split``, or None if the service does not offer it."""
@@ -344,12 +331,3 @@ def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a candidate needs a non-empty name, got {name!r}")
 
-
-def _meta_ms(value: object, where: str) -> float | None:
-    if value is None:
-        return None
-    if not _is_number(value) or not 0 <= value < math.inf:
-        raise PayloadError(
-            f"model metadata {where} must be a finite number >= 0 or null, got {value!r}"
-        )
-    return float(value)

@@ -6,27 +6,27 @@ from fastapi import APIRouter, Security
 from fastapi.responses import JSONResponse
 
 from cloud_server.middleware import bearer
-from cloud_server.schemas import ErrorBody, HealthBody, ModelReady, ServerMetadata
 from cloud_server.service import ServiceDep
 from shared.errors import NotReadyError
+from shared.schemas import ErrorBody, LiveBody, ModelReady, ReadyBody, ServerMetadata
 
 router = APIRouter(tags=["health"])
 
 VERSION = "0.1.0"
 
 
-@router.get("/v2/health/live", response_model=HealthBody)
-async def live() -> HealthBody:
+@router.get("/v2/health/live", response_model=LiveBody)
+async def live() -> LiveBody:
     """200 as soon as the process answers HTTP."""
-    return HealthBody(live=True)
+    return LiveBody(live=True)
 
 
-@router.get("/v2/health/ready", response_model=HealthBody,
-            responses={503: {"model": HealthBody, "description": "Still loading models"}})
-async def ready(service: ServiceDep) -> HealthBody | JSONResponse:
+@router.get("/v2/health/ready", response_model=ReadyBody, response_model_exclude_none=True,
+            responses={503: {"model": ReadyBody, "description": "Still loading models"}})
+async def ready(service: ServiceDep) -> ReadyBody | JSONResponse:
     """200 once every model is loaded, warmed up and profiled; 503 until then."""
     if service.ready:
-        return HealthBody(ready=True)
+        return ReadyBody(ready=True)
     reason = service.load_error or "loading models"
     return JSONResponse({"ready": False, "error": reason}, status_code=503,
                         headers={"Retry-After": "2"})

@@ -18,8 +18,13 @@ from fastapi import APIRouter, Header, Query, Request, Security
 
 from cloud_server.errors import status_for
 from cloud_server.middleware import bearer
-from cloud_server.runtime import FULL, ModelRuntime
-from cloud_server.schemas import (
+from cloud_server.runtime import ModelRuntime
+from cloud_server.service import Service, ServiceDep
+from shared import wire
+from shared.candidates import WHOLE_MODEL
+from shared.errors import PayloadError, ShapeMismatchError, UnsupportedMediaTypeError
+from shared.predictions import top_k
+from shared.schemas import (
     ErrorBody,
     InferResponse,
     OipRequest,
@@ -29,10 +34,6 @@ from cloud_server.schemas import (
     ProbeResponse,
     TimingsBody,
 )
-from cloud_server.service import Service, ServiceDep
-from shared import wire
-from shared.errors import PayloadError, ShapeMismatchError, UnsupportedMediaTypeError
-from shared.predictions import top_k
 
 router = APIRouter(tags=["inference"], dependencies=[Security(bearer)])
 
@@ -93,7 +94,7 @@ async def classify(model: str, request: Request, service: ServiceDep, top_k: Top
     """
     with _track(service) as labels:
         runtime = service.runtime(model)
-        labels.update(model=model, split=FULL)
+        labels.update(model=model, split=WHOLE_MODEL)
         _require_type(request, IMAGE_TYPES)
         service.admit()
         body = await request.body()
@@ -101,8 +102,8 @@ async def classify(model: str, request: Request, service: ServiceDep, top_k: Top
         started = time.perf_counter()
         x = await asyncio.to_thread(runtime.decode_image, body)
         decode_ms = (time.perf_counter() - started) * 1e3
-        return await _answer(service, runtime, FULL, (x,), decode_ms, x_request_id or "",
-                             top_k, timeout_ms, split_name="cloud")
+        return await _answer(service, runtime, WHOLE_MODEL, (x,), decode_ms, x_request_id or "",
+                             top_k, timeout_ms)
 
 
 @router.post("/v2/models/{model}/infer", response_model=OipResponse, responses=_ERRORS)
@@ -111,15 +112,15 @@ async def infer_oip(model: str, request: OipRequest, service: ServiceDep,
     """Open Inference Protocol: the whole model on one FP32 input tensor, logits out."""
     with _track(service) as labels:
         runtime = service.runtime(model)
-        labels.update(model=model, split=FULL)
+        labels.update(model=model, split=WHOLE_MODEL)
         started = time.perf_counter()
         x = await asyncio.to_thread(_oip_input, request.inputs[0], runtime,
                                     service.settings.max_request_batch)
         decode_ms = (time.perf_counter() - started) * 1e3
-        result = await service.submit(runtime, FULL, (x,), timeout_s=_timeout_s(service,
-                                                                                 timeout_ms))
+        result = await service.submit(runtime, WHOLE_MODEL, (x,),
+                                      timeout_s=_timeout_s(service, timeout_ms))
         _require_finite(result.output)
-        runtime.observe(FULL, decode_ms + result.compute_ms / result.batch_size)
+        runtime.observe(WHOLE_MODEL, decode_ms + result.compute_ms / result.batch_size)
         logits = result.output.float()
         return OipResponse(
             model_name=runtime.name, model_version=runtime.fingerprint, id=request.id or "",
@@ -146,8 +147,7 @@ async def probe(model: str, request: Request, service: ServiceDep
 
 async def _answer(service: Service, runtime: ModelRuntime, key: str,
                   inputs: tuple[torch.Tensor, ...], decode_ms: float, request_id: str,
-                  k: int, timeout_ms: float | None, *, split_name: str | None = None
-                  ) -> InferResponse:
+                  k: int, timeout_ms: float | None) -> InferResponse:
     result = await service.submit(runtime, key, inputs, timeout_s=_timeout_s(service, timeout_ms))
     _require_finite(result.output)
     runtime.observe(key, decode_ms + result.compute_ms / result.batch_size)
@@ -155,7 +155,7 @@ async def _answer(service: Service, runtime: ModelRuntime, key: str,
     service.metrics.decode_seconds.labels(**labels).observe(decode_ms / 1e3)
     return InferResponse(
         model_name=runtime.name, model_version=runtime.fingerprint, id=request_id,
-        split=split_name or key,
+        split=key,
         top_k=[[PredictionBody(index=p.index, label=p.label, prob=p.prob) for p in row]
                for row in top_k(result.output, runtime.labels, k)],
         timings_ms=TimingsBody(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),

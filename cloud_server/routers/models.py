@@ -7,15 +7,16 @@ from dataclasses import asdict
 from fastapi import APIRouter, Security
 
 from cloud_server.middleware import bearer
-from cloud_server.runtime import FULL, ModelRuntime
-from cloud_server.schemas import (
+from cloud_server.runtime import ModelRuntime
+from cloud_server.service import ServiceDep
+from shared.candidates import WHOLE_MODEL
+from shared.schemas import (
     ErrorBody,
     ModelMetadata,
     OipTensorMetadata,
     SplitPointBody,
     TensorBody,
 )
-from cloud_server.service import ServiceDep
 
 router = APIRouter(tags=["models"], dependencies=[Security(bearer)])
 
@@ -32,7 +33,7 @@ def metadata(runtime: ModelRuntime, queue_ms: float) -> ModelMetadata:
                                    shape=[-1, runtime.spec.num_classes])],
         fingerprint=runtime.fingerprint,
         preprocessing=asdict(runtime.spec.preprocessing),
-        server_ms=server_ms.get(FULL),
+        server_ms=server_ms.get(WHOLE_MODEL),
         queue_ms=round(queue_ms, 3),
         split_points=[
             SplitPointBody(

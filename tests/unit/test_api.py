@@ -54,14 +54,17 @@ def test_ready_is_503_while_loading_then_200(runtime: ModelRuntime) -> None:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                assert (await c.get("/v2/health/live")).status_code == 200
+                r = await c.get("/v2/health/live")
+                assert r.status_code == 200 and r.json() == {"live": True}  # no null fields
                 r = await c.get("/v2/health/ready")
                 assert r.status_code == 503 and r.headers["retry-after"]
+                assert r.json() == {"ready": False, "error": "loading models"}
                 r = await c.get(f"/v2/models/{MODEL}")
                 assert r.status_code == 503 and "loading" in r.json()["error"]
                 release.set()
                 await asyncio.to_thread(app.state.service.wait_ready, 10)
-                assert (await c.get("/v2/health/ready")).status_code == 200
+                r = await c.get("/v2/health/ready")
+                assert r.status_code == 200 and r.json() == {"ready": True}
                 assert (await c.get(f"/v2/models/{MODEL}/ready")).json()["ready"] is True
 
     run(scenario())
@@ -171,6 +174,9 @@ def test_classify_and_oip_json(
             assert r.status_code == 200, r.text
             assert r.json()["top_k"][0][0]["index"] == local_top1["coffee"]
             assert r.json()["split"] == "cloud"
+            # One name for the whole model: the answer's split and the metrics' label agree.
+            scrape = (await c.get("/metrics")).text
+            assert 'split="cloud",status="200"' in scrape and 'split="full"' not in scrape
             r = await c.post(
                 f"/v2/models/{MODEL}/classify",
                 content=b"not an image",

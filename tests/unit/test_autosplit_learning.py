@@ -11,6 +11,7 @@ from device_client.auto import AutoSplit
 from device_client.client import ServiceClient
 from device_client.results import InferenceResult, Timings
 from shared.planner import CLOUD, DEVICE, DeviceCost, DeviceProfile
+from tests.support.contract import metadata_body
 
 PROFILE = DeviceProfile("m", "f" * 16, (
     DeviceCost(DEVICE, 100.0, 0.0, 0),
@@ -92,8 +93,8 @@ def _metadata_service(server_ms: list[float], gets: list[float], fail: list[bool
         gets.append(server_ms[0])
         if fail[0]:
             return httpx.Response(503, json={"error": "loading"})
-        return httpx.Response(200, json={"server_ms": 30.0, "queue_ms": 0.0, "split_points": [
-            {"name": "early", "server_ms": 40.0}, {"name": "mid", "server_ms": server_ms[0]}]})
+        return httpx.Response(200, json=metadata_body(
+            server_ms=30.0, split_ms={"early": 40.0, "mid": server_ms[0]}))
 
     return httpx.MockTransport(handler)
 

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud_server.schemas import ModelMetadata, SplitPointBody
-from shared.errors import PayloadError, UnknownSplitPointError
+from shared.errors import ServiceError, UnknownSplitPointError
 from shared.planner import (
     CLOUD,
     DEVICE,
@@ -28,6 +27,7 @@ from shared.planner import (
     switch_threshold_ms,
     transfer_ms,
 )
+from shared.schemas import ModelMetadata, SplitPointBody
 
 MODEL, FP = "efficientnet_lite0", "0123abcd"
 
@@ -336,7 +336,7 @@ def test_from_metadata_missing_figures() -> None:
     ],
 )
 def test_from_metadata_rejects_bad_metadata(meta: Any) -> None:
-    with pytest.raises(PayloadError):
+    with pytest.raises(ServiceError):
         ServerProfile.from_metadata(meta)
 
 
@@ -348,13 +348,13 @@ JSON = st.recursive(
 
 
 @given(server_ms=JSON, queue_ms=JSON, points=st.lists(JSON, max_size=4))
-def test_from_metadata_garbage_is_a_payload_error(
+def test_from_metadata_garbage_is_a_service_error(
     server_ms: Any, queue_ms: Any, points: list[Any]
 ) -> None:
-    meta = {"server_ms": server_ms, "queue_ms": queue_ms, "split_points": points}
+    meta = metadata(server_ms=server_ms, queue_ms=queue_ms, split_points=points)
     try:
         ServerProfile.from_metadata(meta)
-    except PayloadError:
+    except ServiceError:
         pass
 
 
