@@ -14,7 +14,7 @@ from cloud_server.errors import status_for
 from device_client.client import ServiceClient
 from device_client.pipeline import Device
 from device_client.runtime import DeviceRuntime
-from shared.errors import ServiceUnavailableError, UnknownSplitPointError
+from shared.errors import ServiceError, ServiceUnavailableError, UnknownSplitPointError
 
 
 @pytest.mark.parametrize("key", ["²", "٣", "１", "-1", " 3"], ids=repr)
@@ -35,8 +35,6 @@ def test_a_client_that_hangs_up_is_not_a_server_error() -> None:
 BODIES = {
     "not json": b"\x00\xffnot json",
     "nested 100000 deep": b"[" * 100_000 + b"]" * 100_000,
-    "a json list": b"[1, 2]",
-    "a json string": b'"ok"',
 }
 
 
@@ -61,6 +59,26 @@ def test_malformed_answers_are_service_failures(
 
     result = asyncio.run(run())
     assert result.ran == "device" and result.fallback.startswith("bad_response")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"ok"', b"{}"], ids=["list", "string", "empty"])
+def test_json_outside_the_contract_is_a_service_error_not_a_fallback(
+    body: bytes, device_runtime: DeviceRuntime, photos: dict[str, Image.Image]
+) -> None:
+    """JSON of the wrong shape is a wrong server (or another version): falling back would hide
+    it at every image, so it is one ServiceError, as a fingerprint mismatch is a ConfigError."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test", transport=transport) as client:
+            with pytest.raises(ServiceError, match="service answer from http://s.test"):
+                await client.probe("efficientnet_lite0", b"x" * 100)
+            with pytest.raises(ServiceError):
+                await client.infer_split("efficientnet_lite0", "_blocks.9", b"frame")
+            await Device(device_runtime, client).infer(photos["rocket"], split="_blocks.9")
+
+    with pytest.raises(ServiceError):
+        asyncio.run(run())
 
 
 def test_deeply_nested_error_body_is_still_an_error_line() -> None:

@@ -14,7 +14,7 @@ from shared.schemas import (
     TimingsBody,
 )
 
-__all__ = ["infer_body", "metadata_body"]
+__all__ = ["infer_body", "metadata_body", "with_field"]
 
 
 def metadata_body(*, model: str = "m", fingerprint: str = "f" * 16, server_ms: float | None = 8.0,
@@ -36,3 +36,18 @@ def infer_body(*, model: str = "m", split: str = "cloud", label: str = "tabby") 
         top_k=[[PredictionBody(index=281, label=label, prob=0.9)]],
         timings_ms=TimingsBody(decode=1.0, queue=0.0, compute=2.0),
         batch_size=1).model_dump(mode="json")
+
+
+def with_field(body: dict[str, Any], path: str, value: object) -> dict[str, Any]:
+    """``body`` with the field at dotted ``path`` (``split_points.3.name``) set to ``value``, or
+    deleted if ``value`` is ``...``. Changes ``body`` in place and returns it."""
+    *parents, last = path.split(".")
+    node: Any = body
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    slot: int | str = int(last) if isinstance(node, list) else last
+    if value is ...:
+        del node[slot]
+    else:
+        node[slot] = value
+    return body

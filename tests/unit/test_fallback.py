@@ -118,7 +118,9 @@ def test_auto_against_a_dead_or_stalled_service_runs_locally(
             device = Device(device_runtime, client, auto=auto, timeout_s=0.3)
             return await device.infer(photos["coffee"], split="auto")
 
-    for kind in ("connect", "stall"):
+    for kind, reason in (("connect", "connection: "), ("stall", "timeout: ")):
         result = asyncio.run(run(kind))
         assert result.split == "device" and result.ran == "device"  # type: ignore[attr-defined]
         assert result.top5[0].index == local_top1["coffee"]  # type: ignore[attr-defined]
+        # Never reached: said as a fixed split says it, not a silent `"fallback": null`.
+        assert result.fallback.startswith(reason), result.fallback  # type: ignore[attr-defined]
