@@ -99,6 +99,7 @@ class ModelRuntime:
         image = center_crop(reference_photo(), self.spec.preprocessing)
         x = preprocess(image, self.spec.preprocessing)
         jpeg = encode_jpeg(image)
+
         def whole() -> None:
             self.run(WHOLE_MODEL, (self.decode_image(jpeg),))
 

@@ -76,6 +76,7 @@ class AutoSplit:
     async def plan(self) -> Plan:
         """Choose a candidate now. Never raises for an unreachable service: it plans `device`,
         and ``unreachable`` says why."""
+        self._missed = None
         server, link = await self._server_profile(), await self._link()
         self.unreachable = self._missed if server is None or link is None else None
         if server is None or link is None:

@@ -91,10 +91,10 @@ class Device:
         if missed is not None and not self.fallback:
             raise missed
         result = await self._run(image, chosen, name, split)
+        if self.auto is not None:
+            self.auto.observe(result)  # a device run it chose: nothing failed in it to forget
         if missed is not None:  # planned without the service: say so, as a fixed split does
             result = replace(result, fallback=f"{missed.reason}: {missed}")
-        if self.auto is not None:
-            self.auto.observe(result)
         return replace(result, predicted_ms=predicted_ms) if predicted_ms is not None else result
 
     async def _run(self, image: Image.Image, chosen: str, name: str, requested: str
