@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.reliability_faults import (
+from tests.support.faults import (
     cli_against_all,
     kill_and_restart,
     overload,

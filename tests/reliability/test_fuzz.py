@@ -11,8 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench.reliability_bodies import image_cases, oip_cases, raw_http_cases
-from bench.reliability_fuzz import (
+from tests.support.bodies import image_cases, oip_cases, raw_http_cases
+from tests.support.fuzz import (
     FuzzReport,
     bad_neighbours,
     fuzz_raw_http,
@@ -20,7 +20,7 @@ from bench.reliability_fuzz import (
     send_all,
     still_serving,
 )
-from bench.reliability_mutate import extreme_frame, frame_cases
+from tests.support.mutate import extreme_frame, frame_cases
 from device_client.local_service import LocalService
 from device_client.runtime import DeviceRuntime
 from shared.preprocess import center_crop, encode_jpeg

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from bench.reliability_soak import rss_bytes, soak_frames, soak_local_service
+from tests.support.soak import rss_bytes, soak_frames, soak_local_service
 from device_client.runtime import DeviceRuntime
 
 MODEL = "efficientnet_lite0"

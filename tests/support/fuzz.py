@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bench.reliability_mutate import HttpCase
+from tests.support.mutate import HttpCase
 from shared.errors import ConfigError
 
 __all__ = [

@@ -1,9 +1,9 @@
 """Hostile bodies for the other endpoints: broken and bomb images for ``/classify``, broken Open
 Inference Protocol JSON for ``/infer``, and requests that break HTTP/1.1 itself.
 
-    >>> cases = list(image_cases({"coffee.jpg": jpeg}, model="efficientnet_lite0", n=60, seed=0))
+    cases = list(image_cases({"coffee.jpg": jpeg}, model="efficientnet_lite0", n=60, seed=0))
 
-Seeded like ``bench.reliability_mutate``, whose ``HttpCase`` they yield.
+Seeded like ``tests.support.mutate``, whose ``HttpCase`` they yield.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from bench.reliability_mutate import MSGPACK, HttpCase, flip_bits, insert_bytes, short, truncate
+from tests.support.mutate import MSGPACK, HttpCase, flip_bits, insert_bytes, short, truncate
 
 __all__ = ["image_cases", "oip_cases", "png_bomb_under_limit", "png_header_bomb", "raw_http_cases"]
 
