@@ -1,16 +1,23 @@
 """Fuzz the live service (real uvicorn on loopback) and hold every answer to the promise: no 5xx,
 no dropped connection, every error body exactly ``{"error": str}`` with no traceback, and the
-service ready and right afterwards. CI-sized; ``python -m bench reliability`` runs thousands."""
+service ready and right afterwards. CI-sized; ``python -m bench reliability`` runs thousands
+(``tests.support.sizes``) and tabulates the figures each test records."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import httpx
 import pytest
 from PIL import Image
 
+from device_client.local_service import LocalService
+from device_client.runtime import DeviceRuntime
+from shared.preprocess import center_crop, encode_jpeg
+from tests.helpers import make_frame
+from tests.support import figures, sizes
 from tests.support.bodies import image_cases, oip_cases, raw_http_cases
 from tests.support.fuzz import (
     FuzzReport,
@@ -21,10 +28,6 @@ from tests.support.fuzz import (
     still_serving,
 )
 from tests.support.mutate import extreme_frame, frame_cases
-from device_client.local_service import LocalService
-from device_client.runtime import DeviceRuntime
-from shared.preprocess import center_crop, encode_jpeg
-from tests.helpers import make_frame
 
 MODEL = "efficientnet_lite0"
 SPLITS = ("_conv_stem", "_blocks.9", "flatten")  # first, middle, last but one
@@ -59,15 +62,37 @@ def expected(service: LocalService, frames: dict[str, bytes]) -> int:
 
 
 def _assert_kept(
-    report: FuzzReport, service: LocalService, frames: dict[str, bytes], expected: int
+    source: str,
+    report: FuzzReport,
+    service: LocalService,
+    frames: dict[str, bytes],
+    expected: int,
 ) -> None:
-    assert report.problem_count == 0, report.summary()
-    assert report.server_errors == 0
-    assert service.process is not None and service.process.poll() is None, service.log_tail()
+    """Record the run's figures, then hold it to the promise: no problem answer, the service
+    alive, ready and right, and no unexpected error in its log."""
+    alive = service.process is not None and service.process.poll() is None
     with httpx.Client(base_url=service.url, timeout=60) as http:
         path = f"/v2/models/{MODEL}/splits/{SPLITS[1]}/infer"
-        assert still_serving(http, path, frames[SPLITS[1]], expected) is None
-    assert "failed unexpectedly" not in service.log_path.read_text(errors="replace")
+        serving = still_serving(http, path, frames[SPLITS[1]], expected) if alive else "dead"
+    unexpected = service.log_path.read_text(errors="replace").count("failed unexpectedly")
+    doc = report.to_json()
+    for problem in doc.pop("problem_examples"):
+        figures.record("fuzz_problems", source, **problem)
+    statuses = {f"status_{code}": n for code, n in doc.pop("statuses").items()}
+    figures.record(
+        "fuzz",
+        source,
+        alive_after=alive,
+        serving_after=serving or "ready and right",
+        unexpected_errors_logged=unexpected,
+        **sizes.flat(doc),
+        **statuses,
+    )
+    assert report.problem_count == 0, report.summary()
+    assert report.server_errors == 0
+    assert alive, service.log_tail()
+    assert serving is None, serving
+    assert unexpected == 0, service.log_tail()
 
 
 def test_schemathesis_every_endpoint(
@@ -75,23 +100,28 @@ def test_schemathesis_every_endpoint(
 ) -> None:
     report = FuzzReport()
     fuzz_schema(
-        service.url, report, examples=8, seed=0, pinned={"model": [MODEL], "split": list(SPLITS)}
+        service.url,
+        report,
+        examples=sizes.pick(8, 60),
+        seed=sizes.seed(),
+        pinned={"model": [MODEL], "split": list(SPLITS)},
     )
     # Every operation of the schema was reached, each with and without real path parameters.
     assert report.tried["schema"] >= 200, report.summary()
     assert {404, 400, 200} <= set(report.statuses), report.summary()
-    _assert_kept(report, service, frames, expected)
+    _assert_kept("schema", report, service, frames, expected)
 
 
 def test_mutated_real_frames(
     service: LocalService, frames: dict[str, bytes], expected: int
 ) -> None:
     report = FuzzReport()
+    n = sizes.pick(300, 3000)
     with httpx.Client(base_url=service.url, timeout=120) as http:
-        send_all(http, report, "frames", frame_cases(frames, model=MODEL, n=300, seed=0))
-    assert report.tried["frames"] >= 300 + 3 * 25
+        send_all(http, report, "frames", frame_cases(frames, model=MODEL, n=n, seed=sizes.seed()))
+    _assert_kept("frames", report, service, frames, expected)
+    assert report.tried["frames"] >= n + 3 * 25
     assert report.statuses[400] > 200 and report.statuses[409] > 0, report.summary()
-    _assert_kept(report, service, frames, expected)
 
 
 def test_broken_and_bomb_images(
@@ -110,21 +140,23 @@ def test_broken_and_bomb_images(
         encoded[f"{name}.png"] = png.getvalue()
     report = FuzzReport()
     with httpx.Client(base_url=service.url, timeout=120) as http:
-        send_all(http, report, "images", image_cases(encoded, model=MODEL, n=60, seed=0))
-    _assert_kept(report, service, frames, expected)
+        cases = image_cases(encoded, model=MODEL, n=sizes.pick(60, 500), seed=sizes.seed())
+        send_all(http, report, "images", cases)
+    _assert_kept("images", report, service, frames, expected)
 
 
 def test_broken_oip_json(service: LocalService, frames: dict[str, bytes], expected: int) -> None:
     report = FuzzReport()
     with httpx.Client(base_url=service.url, timeout=120) as http:
-        send_all(http, report, "oip", oip_cases(model=MODEL, n=60, seed=0))
-    _assert_kept(report, service, frames, expected)
+        cases = oip_cases(model=MODEL, n=sizes.pick(60, 500), seed=sizes.seed())
+        send_all(http, report, "oip", cases)
+    _assert_kept("oip", report, service, frames, expected)
 
 
 def test_malformed_http(service: LocalService, frames: dict[str, bytes], expected: int) -> None:
     report = FuzzReport()
     fuzz_raw_http(service.url, report, raw_http_cases(model=MODEL, split=SPLITS[1]))
-    _assert_kept(report, service, frames, expected)
+    _assert_kept("http", report, service, frames, expected)
 
 
 def test_hostile_neighbours_in_a_batch_do_not_harm_good_requests(
@@ -139,7 +171,8 @@ def test_hostile_neighbours_in_a_batch_do_not_harm_good_requests(
         f"{service.url}{path}", content=good, headers={"Content-Type": "application/msgpack"}
     ).json()["top_k"][0][0]["index"]
     hostile = [extreme_frame(good), extreme_frame(good, negative=True)]
-    result = bad_neighbours(service.url, path, good, right, hostile, rounds=10)
+    result = bad_neighbours(service.url, path, good, right, hostile, rounds=sizes.pick(10, 50))
+    figures.record("fuzz_neighbours", "neighbours", ok=result.ok, **asdict(result))
     assert result.ok, result
     assert result.shared > 0, "no good request shared a forward pass: the test proved nothing"
-    _assert_kept(FuzzReport(), service, frames, expected)
+    _assert_kept("neighbours", FuzzReport(), service, frames, expected)

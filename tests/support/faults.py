@@ -31,7 +31,6 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from tests.support.fakes import BEHAVIOURS, FakeService
 from device_client.breaker import CircuitBreaker
 from device_client.client import ServiceClient
 from device_client.local_service import LocalService
@@ -41,6 +40,7 @@ from device_client.runtime import DeviceRuntime
 from shared import wire
 from shared.predictions import top_k
 from shared.preprocess import preprocess
+from tests.support.fakes import BEHAVIOURS, FakeService
 
 __all__ = [
     "CliOutcome",

@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tests.support.mutate import HttpCase
 from shared.errors import ConfigError
+from tests.support.mutate import HttpCase
 
 __all__ = [
     "FuzzReport",
