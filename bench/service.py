@@ -224,14 +224,14 @@ def run(args: argparse.Namespace) -> int:
         device = DeviceRuntime(args.model)
         point = device.point(args.split) if args.split is not None else device.middle_point()
         frames = encode_frames(device, point, sample_photos())
-        inputs = server_inputs(device, point, frames)
+        decoded = server_inputs(device, point, frames)
         served = load_runtime(args.model, profile_repeats=0)  # the very tails the service runs
 
     def tail(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return served.run(point.name, inputs)
 
     def measure_raw(when: str) -> float:
-        return _raw(console, tail, inputs, settings, layout, raw_s, when)
+        return _raw(console, tail, decoded, settings, layout, raw_s, when)
 
     raw = [measure_raw("before the load")]
     runs: list[LevelStats] = []
