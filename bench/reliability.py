@@ -74,9 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="CI-sized: ~800 fuzz cases, a 2,000-request soak"
     )
-    p.add_argument(
-        "--out", type=Path, default=REPO / "bench" / "results", help="output directory"
-    )
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
     p.add_argument(
         "--only",
         default=",".join(PARTS),
