@@ -1,10 +1,9 @@
 """Split inference through the real wire path, compared with unsplit float32: the numbers
 behind ``python -m bench fidelity``.
 
-    >>> rt = DeviceRuntime("efficientnet_lite0")
-    >>> fid = measure_fidelity(rt, evaluation_images(20), points=rt.points[6:9])
-    >>> fid.points[0].top1_agreement, fid.points[0].ratio
-    (1.0, 0.2137...)
+    rt = DeviceRuntime("efficientnet_lite0")
+    fid = measure_fidelity(rt, evaluation_images(20), points=rt.points[6:9])
+    fid.points[0].top1_agreement, fid.points[0].ratio     # (1.0, 0.2137...)
 
 For every split point and image: head -> the exact frame the device sends (uint8 + zstd +
 msgpack) -> decoded as the server decodes it -> tail. The ``cloud`` candidate (a JPEG of the

@@ -1,9 +1,9 @@
 """The load generator of ``bench service``: closed-loop HTTP clients, and what their answers mean.
 
-    >>> frames = [LoadFrame("chelsea", body, expected=285)]
-    >>> level = asyncio.run(run_level(url, frames, concurrency=16, warmup_s=3, duration_s=12,
-    ...                               timeout_s=30))
-    >>> stats = summarize(16, level.samples, window=(3.0, 15.0))
+    frames = [LoadFrame("chelsea", body, expected=285)]
+    level = asyncio.run(run_level(url, frames, concurrency=16, warmup_s=3, duration_s=12,
+                                  timeout_s=30))
+    stats = summarize(16, level.samples, window=(3.0, 15.0))
 
 Each of ``concurrency`` clients is an asyncio task with its own keep-alive connection
 (``bench.service_http``, a minimal HTTP/1.1 client far lighter than httpx); it posts
@@ -109,9 +109,8 @@ def classify(
     ``status`` is None when no response came back; ``error`` then says why (``timeout``,
     ``ConnectError``...).
 
-        >>> classify(200, headers={}, body=b'{"top_k": [[{"index": 3}]], "batch_size": 2}',
-        ...          expected=3, elapsed_s=0.01).outcome
-        'ok'
+        classify(200, headers={}, body=b'{"top_k": [[{"index": 3}]], "batch_size": 2}',
+                 expected=3, elapsed_s=0.01).outcome  # 'ok'
     """
     if status is None:
         return Classified("error", error or "no response")
