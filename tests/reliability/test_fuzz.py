@@ -6,6 +6,7 @@ service ready and right afterwards. CI-sized; ``python -m bench reliability`` ru
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -13,7 +14,7 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -24,7 +25,7 @@ from device_client.runtime import DeviceRuntime
 from shared.preprocess import center_crop, encode_jpeg
 from tests.helpers import make_frame
 from tests.support import figures, sizes
-from tests.support.bodies import image_cases, oip_cases, raw_http_cases
+from tests.support.bodies import image_cases, oip_cases, oip_documents, raw_http_cases
 from tests.support.fuzz import (
     MSGPACK_TYPE,
     FuzzReport,
@@ -34,7 +35,7 @@ from tests.support.fuzz import (
     send_schema_case,
     still_serving,
 )
-from tests.support.mutate import extreme_frame, frame_cases
+from tests.support.mutate import HttpCase, extreme_frame, frame_cases, short
 
 MODEL = "efficientnet_lite0"
 SPLITS = ("_conv_stem", "_blocks.9", "flatten")  # first, middle, last but one
@@ -189,6 +190,39 @@ def test_broken_oip_json(service: LocalService, frames: dict[str, bytes], expect
         cases = oip_cases(model=MODEL, n=sizes.pick(60, 500), seed=sizes.seed())
         send_all(http, report, "oip", cases)
     _assert_kept("oip", report, service, frames, expected)
+
+
+@pytest.fixture(scope="module")
+def oip_report() -> FuzzReport:
+    return FuzzReport()
+
+
+@given(doc=oip_documents)
+@settings(
+    max_examples=sizes.pick(100, 800),
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+@hypothesis.seed(sizes.seed())
+def test_generated_oip_documents(
+    doc: object, service: LocalService, oip_report: FuzzReport
+) -> None:
+    """Documents drawn from a hypothesis strategy; judged with the rest in the next test."""
+    body = json.dumps(doc, allow_nan=False).encode()
+    case = HttpCase(f"oip document {short(doc)}", f"/v2/models/{MODEL}/infer", body,
+                    {"Content-Type": "application/json"})  # fmt: skip
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        send_all(http, oip_report, "oip-generated", [case])
+
+
+def test_generated_oip_documents_kept_the_promise(
+    service: LocalService, frames: dict[str, bytes], expected: int, oip_report: FuzzReport
+) -> None:
+    """The verdict on ``test_generated_oip_documents`` (it runs first, in file order)."""
+    _assert_kept("oip-generated", oip_report, service, frames, expected)
+    assert oip_report.tried["oip-generated"] >= sizes.pick(100, 800) // 2, oip_report.summary()
+    assert oip_report.statuses[400] > 0, oip_report.summary()
 
 
 def test_malformed_http(service: LocalService, frames: dict[str, bytes], expected: int) -> None:
