@@ -244,7 +244,7 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             "bad inputs tried",
             f["problems"] == 0,
             f"{f['cases']:,} ({parts}); {f['problems']} broke the promise",
-            f"{base} fuzz --seed {doc['seed']}",
+            f"{base} fuzz --seed {doc['seed']}{' --quick' if doc.get('quick') else ''}",
         )
         row(
             "5xx seen",
