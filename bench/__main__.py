@@ -7,6 +7,10 @@ To add a subcommand, write ``bench/<name>.py`` with ``add_arguments(parser)`` an
 ``run(args) -> int`` (and a module docstring: its first line is the ``--help`` summary), then
 add it to ``SUBCOMMANDS``.
 
+The benchmarks live in the source tree, not in the installed package: run them from the
+repository root, or from anywhere with ``PYTHONPATH=/path/to/splitserve``. Either way the default
+``--out bench/results`` is the repository's ``bench/results``, never one under the current folder.
+
 Every failure is one line on stderr, never a traceback (``SPLITSERVE_DEBUG=1`` shows one).
 Exit codes: 0 ok, 1 an error, 2 a usage error (bad option or setting), 130 Ctrl-C.
 """
@@ -17,6 +21,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 from bench import fidelity, latency, reliability, service
@@ -24,6 +29,9 @@ from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
 __all__ = ["SUBCOMMANDS", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path("bench/results")  # every subcommand's default --out, relative to REPO
 
 SUBCOMMANDS: dict[str, ModuleType] = {
     "fidelity": fidelity,
@@ -54,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "out", None) == DEFAULT_OUT and Path.cwd().resolve() != REPO:
+        args.out = REPO / DEFAULT_OUT
     try:
         result: int = SUBCOMMANDS[args.subcommand].run(args)
         return result

@@ -1,10 +1,9 @@
 """Split inference through the real wire path, compared with unsplit float32: the numbers
 behind ``python -m bench fidelity``.
 
-    >>> rt = DeviceRuntime("efficientnet_lite0")
-    >>> fid = measure_fidelity(rt, evaluation_images(20), points=rt.points[6:9])
-    >>> fid.points[0].top1_agreement, fid.points[0].ratio
-    (1.0, 0.2137...)
+    rt = DeviceRuntime("efficientnet_lite0")
+    fid = measure_fidelity(rt, evaluation_images(20), points=rt.points[6:9])
+    fid.points[0].top1_agreement, fid.points[0].ratio     # (1.0, 0.2137...)
 
 For every split point and image: head -> the exact frame the device sends (uint8 + zstd +
 msgpack) -> decoded as the server decodes it -> tail. The ``cloud`` candidate (a JPEG of the
@@ -22,7 +21,8 @@ import torch
 from PIL import Image
 
 from device_client.runtime import DeviceRuntime, EncodeOptions
-from shared import codec, wire
+from shared import wire
+from shared.inbound import decode_frame
 from shared.partition import SplitPoint
 from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess
 
@@ -36,8 +36,8 @@ BATCH = 4
 METHOD = (
     "Every image is encoded in its own frame, exactly as the device sends it (batch 1, "
     "its own quantization scales); bytes_per_image is the mean length of those frames, "
-    "msgpack header included. Frames are decoded as the server does (wire.decode, "
-    "check_shapes, codec.decode_tensor); the decoded rows are then stacked so that the "
+    "msgpack header included. Frames are decoded as the server does "
+    "(shared.inbound.decode_frame); the decoded rows are then stacked so that the "
     f"float32 head, tail and reference run in batches of {BATCH}, which changes float "
     "rounding only (max ~3e-6 in the logits), not what crosses the wire."
 )
@@ -121,11 +121,18 @@ def _compare(
     return float(same.double().mean()), float(diff.double().mean()), float(diff.max()), changed
 
 
-def _server_decode(frame: bytes, point: SplitPoint) -> tuple[wire.Frame, tuple[torch.Tensor, ...]]:
-    # The same calls, in the same order, as cloud_server.runtime.ModelRuntime.decode_frame.
-    f = wire.decode(frame)
-    wire.check_shapes(f, point.tensors, max_batch=1)
-    return f, tuple(codec.decode_tensor(t) for t in f.tensors)
+def _server_decode(
+    runtime: DeviceRuntime, frame: bytes, point: SplitPoint
+) -> tuple[wire.Frame, tuple[torch.Tensor, ...]]:
+    decoded = decode_frame(
+        frame,
+        model=runtime.name,
+        fingerprint=runtime.fingerprint,
+        split=point.name,
+        expected=point.tensors,
+        max_batch=1,
+    )
+    return decoded.frame, decoded.tensors
 
 
 def _measure_point(
@@ -145,7 +152,7 @@ def _measure_point(
                 point, tuple(a[i : i + 1] for a in acts), f"fidelity-{len(sizes)}", options
             )
             sizes.append(len(frame))
-            decoded, tensors = _server_decode(frame, point)
+            decoded, tensors = _server_decode(runtime, frame, point)
             per_channel.append(any(t.axis is not None for t in decoded.tensors))
             rows.append(tensors)
         logits.append(

@@ -1,8 +1,7 @@
 """The benchmarks' evaluation images: the five sample photos plus deterministic augmented crops.
 
-    >>> images = evaluation_images(n_crops=200)      # [(name, RGB image)], 205 of them
-    >>> images[5][0]
-    'chelsea/crop000'
+    images = evaluation_images(n_crops=200)      # [(name, RGB image)], 205 of them
+    images[5][0]                                 # 'chelsea/crop000'
 
 Five photos are too few to see a 1% drop in top-1 agreement, so each photo also yields crops the
 way ImageNet training augments: a random resized crop (torchvision's ``RandomResizedCrop``

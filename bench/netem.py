@@ -1,8 +1,8 @@
 """An emulated network link on loopback: a userspace TCP proxy that shapes both directions.
 
-    >>> async with ShapedProxy(("127.0.0.1", 8000), PROFILES["3g"]) as proxy:
-    ...     ...  # point the device at proxy.url instead of the service
-    ...     proxy.set_shape(PROFILES["wifi"])  # takes effect for the next byte read
+    async with ShapedProxy(("127.0.0.1", 8000), PROFILES["3g"]) as proxy:
+        ...  # point the device at proxy.url instead of the service
+        proxy.set_shape(PROFILES["wifi"])  # takes effect for the next byte read
 
 Each direction is one FIFO link shared by every connection through the proxy:
 
@@ -39,8 +39,7 @@ CHUNK_BYTES = 16 * 1024
 class LinkShape:
     """Rates in bits/s for each direction, and the round trip time (twice the one-way delay).
 
-    >>> LinkShape("3g", uplink_bps=1.6e6, downlink_bps=1.6e6, rtt_ms=150.0).one_way_ms
-    75.0
+        LinkShape("3g", uplink_bps=1.6e6, downlink_bps=1.6e6, rtt_ms=150.0).one_way_ms  # 75.0
     """
 
     name: str

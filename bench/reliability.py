@@ -8,6 +8,13 @@ figures.
 The promise: the device always returns a result; the service never crashes, never leaks memory
 under steady load, and never lets bad input harm other requests.
 
+The checks are the reliability tests (``tests/reliability``); this command runs them in a
+subprocess, ``python -m pytest tests/reliability`` from the repository, at full size
+(``SPLITSERVE_RELIABILITY_FULL=1``; CI size with ``--quick``) and with
+``SPLITSERVE_FIGURES_OUT`` naming a file where each test records its figures as JSON lines.
+The table is built from those lines, known sections first, then any other section as it came.
+The benchmark imports nothing from the tests: they share a file format, not code.
+
 fuzz    schemathesis over every endpoint of /openapi.json (positive and negative data, path
         parameters free and pinned to the real model and split points), real frames mutated at
         the byte and msgpack level, broken and bomb images, broken OIP JSON, malformed HTTP;
@@ -21,57 +28,46 @@ soak    >= 10,000 requests at concurrency 8, the service's RSS from /proc after 
         warm-up and at the end.
 
 Writes ``reliability.json``, ``reliability.md`` and ``reliability.png`` (RSS over the soak, and
-the fuzz answers by status) to ``--out`` (default ``bench/results``). The parts live in
-``bench.reliability_fuzz``, ``bench.reliability_mutate``, ``bench.reliability_faults``,
-``bench.reliability_fakes`` and ``bench.reliability_soak``.
+the fuzz answers by status) to ``--out`` (default ``bench/results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
-from PIL import Image
-
 from bench import report
-from bench.reliability_bodies import image_cases, oip_cases, raw_http_cases
-from bench.reliability_faults import (
-    FAST_START,
-    cli_against_all,
-    kill_and_restart,
-    local_top1,
-    overload,
-    stalled_connection,
-)
-from bench.reliability_fuzz import (
-    FuzzReport,
-    bad_neighbours,
-    fuzz_raw_http,
-    fuzz_schema,
-    send_all,
-    still_serving,
-)
-from bench.reliability_mutate import extreme_frame, frame_cases
-from bench.reliability_soak import soak_frames, soak_local_service
-from device_client.local_service import LocalService
-from device_client.runtime import DeviceRuntime
-from device_client.samples import sample_photos
 from shared import cliargs
 from shared.errors import ConfigError
-from shared.preprocess import center_crop, encode_jpeg, preprocess
 
 __all__ = ["add_arguments", "run"]
 
 MODEL = "efficientnet_lite0"
 PARTS = ("fuzz", "faults", "soak")
-SOAK_SPLIT = "_blocks.14"  # late and cheap: the soak measures the service, not the model
+REPO = Path(__file__).resolve().parents[1]
+SUITE = "tests/reliability"
+#: The test file of each part; with every part selected the whole suite runs.
+PART_FILES = {"fuzz": "test_fuzz.py", "faults": "test_faults.py", "soak": "test_soak.py"}
+#: Sections the table knows how to summarise; any other section is listed row by row after them.
+KNOWN = ("fuzz", "fuzz_neighbours", "fuzz_problems", "faults", "faults_cli", "soak", "soak_rss")
+# The environment the tests read (tests/support/figures.py and sizes.py): a file format and a few
+# variables are the whole interface between this command and the suite.
+FIGURES_VAR = "SPLITSERVE_FIGURES_OUT"
+FULL_VAR = "SPLITSERVE_RELIABILITY_FULL"
+SEED_VAR = "SPLITSERVE_RELIABILITY_SEED"
+SOAK_REQUESTS_VAR = "SPLITSERVE_SOAK_REQUESTS"
+SOAK_CONCURRENCY_VAR = "SPLITSERVE_SOAK_CONCURRENCY"
+TEST_TIMEOUT_S = 3600  # per test: a full fuzz run is thousands of cases
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--only",
         default=",".join(PARTS),
-        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)",
+        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all, and the "
+        "rest of the reliability suite)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random mutation")
     p.add_argument(
@@ -104,42 +101,50 @@ def run(args: argparse.Namespace) -> int:
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     if not parts or set(parts) - set(PARTS):
         raise ConfigError(f"--only takes parts of {', '.join(PARTS)}, got {args.only!r}")
+    if not (REPO / SUITE).is_dir():
+        raise ConfigError(f"the reliability suite is not at {REPO / SUITE}: run from a checkout")
     args.out.mkdir(parents=True, exist_ok=True)
     soak_requests = args.soak_requests or (2_000 if args.quick else 10_000)
     command = (
         f"python -m bench reliability{' --quick' if args.quick else ''} --seed "
         f"{args.seed} --soak-requests {soak_requests} --concurrency {args.concurrency}"
     )
+    targets = (
+        [SUITE] if set(parts) == set(PARTS) else [f"{SUITE}/{PART_FILES[p]}" for p in parts]
+    )
     console = report.make_console()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     started = time.perf_counter()
-    with console.status("loading the model and the photos"):
-        runtime = DeviceRuntime(MODEL)
-        photos = sample_photos()
-        expected = local_top1(runtime, photos)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures_path, junit_path = Path(tmp) / "figures.jsonl", Path(tmp) / "junit.xml"
+        env = {
+            **os.environ,
+            FIGURES_VAR: str(figures_path),
+            FULL_VAR: "0" if args.quick else "1",
+            SEED_VAR: str(args.seed),
+            SOAK_REQUESTS_VAR: str(soak_requests),
+            SOAK_CONCURRENCY_VAR: str(args.concurrency),
+        }
+        pytest_args = [
+            sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider",
+            f"--junitxml={junit_path}", f"--timeout={TEST_TIMEOUT_S}",
+        ]  # fmt: skip
+        console.print(f"running python -m pytest {' '.join(targets)} in {REPO}")
+        subprocess.run(pytest_args, cwd=REPO, env=env, stdin=subprocess.DEVNULL, check=False)
+        lines = figures_path.read_text().splitlines() if figures_path.exists() else []
+        tests = _junit_counts(junit_path)
     doc: dict[str, Any] = {
         "model": MODEL,
         "quick": args.quick,
         "seed": args.seed,
         "command": command,
+        "suite": " ".join(["python -m pytest", *targets]),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "load_1m_before": load_before,
+        "tests": tests,
+        **summarise([json.loads(line) for line in lines]),
     }
-    if "fuzz" in parts:
-        with console.status("fuzzing the live service"):
-            doc["fuzz"] = _fuzz(runtime, photos, expected, quick=args.quick, seed=args.seed)
-        console.print(f"fuzz: {doc['fuzz']['cases']:,} cases, {doc['fuzz']['problems']} problems")
-    if "faults" in parts:
-        with console.status("breaking things on purpose"):
-            doc["faults"] = _faults(runtime, photos, expected)
-        console.print("faults: done")
-    soak = None
-    if "soak" in parts:
-        with console.status(f"soak: {soak_requests:,} requests"):
-            soak = _soak(runtime, photos, soak_requests, args.concurrency)
-        doc["soak"] = soak
-        console.print(f"soak: RSS {soak['rss_growth']:+.2%}, {soak['errors']} errors")
     doc["seconds"] = round(time.perf_counter() - started, 1)
     doc["load_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = table_rows(doc)
@@ -148,121 +153,70 @@ def run(args: argparse.Namespace) -> int:
     report.write_text(args.out / "reliability.md", markdown(doc, rows))
     plot(doc, args.out / "reliability.png")
     console.print(f"wrote {args.out}/reliability.{{json,md,png}} in {doc['seconds']:.0f} s")
-    return 0 if all(row[1] == "pass" for row in rows) else 1
+    return 0 if rows and all(row[1] != "FAIL" for row in rows) else 1
 
 
-# --- the parts ----------------------------------------------------------------------------------
+def _junit_counts(path: Path) -> dict[str, int]:
+    """Tests passed, failed (failures and errors) and skipped, from pytest's JUnit XML."""
+    if not path.exists():
+        return {"passed": 0, "failed": 0, "skipped": 0}
+    suites = ET.parse(path).getroot()
+    suite = suites if suites.tag == "testsuite" else suites[0]
+    total, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+    failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    return {"passed": total - failed - skipped, "failed": failed, "skipped": skipped}
 
 
-def _frames(
-    runtime: DeviceRuntime, photos: dict[str, Image.Image], splits: list[str]
-) -> dict[str, bytes]:
-    """A real frame per split point: the device's own head on the coffee photo."""
-    x = preprocess(photos["coffee"], runtime.spec.preprocessing)
-    return {
-        s: runtime.encode(runtime.point(s), runtime.run_head(runtime.point(s), x), "fuzz")
-        for s in splits
-    }
+# --- from recorded figures to the summary -------------------------------------------------------
 
 
-def _encoded_photos(runtime: DeviceRuntime, photos: dict[str, Image.Image]) -> dict[str, bytes]:
-    out = {}
-    for name, image in photos.items():
-        crop = center_crop(image, runtime.spec.preprocessing)
-        out[f"{name}.jpg"] = encode_jpeg(crop)
-        png = io.BytesIO()
-        crop.save(png, format="PNG")
-        out[f"{name}.png"] = png.getvalue()
+def summarise(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The suite's figure lines as ``fuzz``, ``faults`` and ``soak`` summaries, plus ``other``:
+    the rows of every section this command has no summary for, by section."""
+    by_section: dict[str, list[dict[str, Any]]] = {}
+    for line in figures:
+        by_section.setdefault(str(line.get("section")), []).append(line)
+    out: dict[str, Any] = {}
+    if "fuzz" in by_section:
+        out["fuzz"] = _fuzz_summary(
+            by_section["fuzz"],
+            by_section.get("fuzz_neighbours", []),
+            by_section.get("fuzz_problems", []),
+        )
+    faults = {r["row"]: r for r in by_section.get("faults", [])}
+    if faults or "faults_cli" in by_section:
+        out["faults"] = {**faults, "cli": by_section.get("faults_cli", [])}
+    if "soak" in by_section:
+        samples = by_section.get("soak_rss", [])
+        out["soak"] = {
+            **by_section["soak"][-1],
+            "samples": [[int(r["row"]), r["seconds"], r["rss_bytes"]] for r in samples],
+        }
+    out["other"] = {k: v for k, v in by_section.items() if k not in KNOWN}
     return out
 
 
-def _fuzz(
-    runtime: DeviceRuntime,
-    photos: dict[str, Image.Image],
-    expected: dict[str, int],
-    *,
-    quick: bool,
-    seed: int,
+def _fuzz_summary(
+    runs: list[dict[str, Any]], neighbours: list[dict[str, Any]], problems: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    points = runtime.points
-    splits = [points[0].name, runtime.middle_point().name, points[-2].name]
-    frames = _frames(runtime, photos, splits)
-    n_frames, n_images, n_oip, examples = (300, 60, 60, 8) if quick else (3000, 500, 500, 60)
-    fuzz = FuzzReport()
-    env = {**FAST_START, "SPLITSERVE_MAX_QUEUE_DELAY_MS": "20"}
-    started = time.perf_counter()
-    with LocalService(models=[MODEL], env=env) as service:
-        with httpx.Client(base_url=service.url, timeout=120) as http:
-            send_all(http, fuzz, "frames", frame_cases(frames, model=MODEL, n=n_frames, seed=seed))
-            send_all(
-                http,
-                fuzz,
-                "images",
-                image_cases(_encoded_photos(runtime, photos), model=MODEL, n=n_images, seed=seed),
-            )
-            send_all(http, fuzz, "oip", oip_cases(model=MODEL, n=n_oip, seed=seed))
-        fuzz_raw_http(service.url, fuzz, raw_http_cases(model=MODEL, split=splits[1]))
-        fuzz_schema(
-            service.url,
-            fuzz,
-            examples=examples,
-            seed=seed,
-            pinned={"model": [MODEL], "split": splits},
-        )
-        good_path = f"/v2/models/{MODEL}/splits/{splits[-1]}/infer"
-        neighbours = bad_neighbours(
-            service.url,
-            good_path,
-            frames[splits[-1]],
-            expected["coffee"],
-            [extreme_frame(frames[splits[-1]]), extreme_frame(frames[splits[-1]], negative=True)],
-            rounds=10 if quick else 50,
-        )
-        with httpx.Client(base_url=service.url, timeout=60) as http:
-            middle = f"/v2/models/{MODEL}/splits/{splits[1]}/infer"
-            after = still_serving(http, middle, frames[splits[1]], expected["coffee"])
-        alive = service.process is not None and service.process.poll() is None
-        log = service.log_path.read_text(errors="replace")
+    statuses: Counter[str] = Counter()
+    for r in runs:
+        statuses.update({k.removeprefix("status_"): v for k, v in r.items() if k[:7] == "status_"})
+    serving = [r["serving_after"] for r in runs if r["serving_after"] != "ready and right"]
     return {
-        **fuzz.to_json(),
-        "seconds": round(time.perf_counter() - started, 1),
-        "alive_after": alive,
-        "serving_after": after or "ready and right",
-        "unexpected_errors_logged": log.count("failed unexpectedly"),
-        "neighbours": neighbours.__dict__ | {"ok": neighbours.ok},
-        "reproduce": "python -m pytest tests/reliability/test_fuzz.py (CI size), or "
-        f"python -m bench reliability --only fuzz --seed {seed}"
-        f"{' --quick' if quick else ''}",
+        "cases": sum(r["cases"] for r in runs),
+        "by_source": {r["row"]: r["cases"] for r in runs if r["cases"]},
+        "statuses": dict(sorted(statuses.items(), key=lambda kv: int(kv[0]))),
+        "server_errors": sum(r["server_errors"] for r in runs),
+        "client_deadline_504": sum(r["client_deadline_504"] for r in runs),
+        "unsendable": sum(r["unsendable"] for r in runs),
+        "problems": sum(r["problems"] for r in runs),
+        "alive_after": all(r["alive_after"] for r in runs),
+        "serving_after": serving[0] if serving else "ready and right",
+        "unexpected_errors_logged": max(r["unexpected_errors_logged"] for r in runs),
+        "neighbours": neighbours[-1] if neighbours else None,
+        "problem_examples": [{**p, "source": p["row"]} for p in problems[:20]],
     }
-
-
-def _faults(
-    runtime: DeviceRuntime, photos: dict[str, Image.Image], expected: dict[str, int]
-) -> dict[str, Any]:
-    kill = kill_and_restart(runtime, photos, expected)
-    stall = stalled_connection(runtime, photos["coffee"], expected["coffee"], deadline_s=1.0)
-    load = overload(runtime, photos, expected)
-    with tempfile.TemporaryDirectory() as tmp:
-        image = Path(tmp) / "coffee.jpg"
-        photos["coffee"].save(image, quality=95)
-        cli = cli_against_all(image, expected["coffee"], workers=2)
-    return {
-        "killed": kill.__dict__ | {"ok": kill.ok},
-        "stall": stall.__dict__ | {"ok": stall.ok},
-        "overload": load.__dict__ | {"ok": load.ok},
-        "cli": [c.to_json() for c in cli],
-        "reproduce": "python -m pytest tests/reliability/test_faults.py",
-    }
-
-
-def _soak(
-    runtime: DeviceRuntime, photos: dict[str, Image.Image], requests: int, concurrency: int
-) -> dict[str, Any]:
-    frames = soak_frames(runtime, photos, SOAK_SPLIT)
-    soak, alive = soak_local_service(
-        MODEL, SOAK_SPLIT, frames, requests=requests, concurrency=concurrency
-    )
-    return {**soak.to_json(), "split": SOAK_SPLIT, "alive_after": alive}
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -290,7 +244,7 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             "bad inputs tried",
             f["problems"] == 0,
             f"{f['cases']:,} ({parts}); {f['problems']} broke the promise",
-            f"{base} fuzz --seed {doc['seed']}",
+            f"{base} fuzz --seed {doc['seed']}{' --quick' if doc.get('quick') else ''}",
         )
         row(
             "5xx seen",
@@ -308,7 +262,8 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             f"{f['unexpected_errors_logged']} unexpected errors in its log",
             "pytest tests/reliability/test_fuzz.py",
         )
-        n = f["neighbours"]
+        n = f["neighbours"] or {"ok": False, "good": 0, "good_right": 0, "shared": 0, "bad": 0,
+                                 "bad_400": 0}  # fmt: skip
         row(
             "bad input harming others",
             n["ok"],
@@ -317,9 +272,9 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             "got 400",
             "pytest tests/reliability/test_fuzz.py -k neighbours",
         )
-    if "faults" in doc:
-        k, s, o = doc["faults"]["killed"], doc["faults"]["stall"], doc["faults"]["overload"]
-        cli = doc["faults"]["cli"]
+    faults = doc.get("faults", {})
+    if "killed" in faults and "overload" in faults:
+        k, o = faults["killed"], faults["overload"]
         lost = (k["requests"] - k["results"]) + (o["device_requests"] - o["device_results"])
         row(
             "results lost by the device",
@@ -327,11 +282,12 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             f"{lost} of {k['requests'] + o['device_requests']} (killed service, overload)",
             "pytest tests/reliability/test_faults.py",
         )
-        reasons = ", ".join(f"{r} {c}" for r, c in k["reasons"].items())
+    if "killed" in faults:
+        k = faults["killed"]
         row(
             "killed mid-run (SIGKILL)",
             k["ok"],
-            f"{k['results']}/{k['requests']} results, {k['fell_back']} fell back ({reasons}); "
+            f"{k['results']}/{k['requests']} results, {k['fell_back']} fell back ({k['reasons']}); "
             f"top-1 = local on {k['top1_matches']}/{k['requests']}",
             "pytest tests/reliability/test_faults.py -k killed",
         )
@@ -342,6 +298,8 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             f"once ready (the new service took {k['restart_s']} s to start; {k['breaker']})",
             "pytest tests/reliability/test_faults.py -k killed",
         )
+    if "stall" in faults:
+        s = faults["stall"]
         row(
             "stalled connection",
             s["ok"],
@@ -349,6 +307,8 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             f"(+ {s['local_ms']:,.0f} ms local compute); ran {s['ran']} ({s['reason']})",
             "pytest tests/reliability/test_faults.py -k stall",
         )
+    if "overload" in faults:
+        o = faults["overload"]
         row(
             "overload (queue 2, batch 1)",
             o["ok"],
@@ -359,6 +319,8 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             f"{o['device_fell_back']} fell back",
             "pytest tests/reliability/test_faults.py -k overload",
         )
+    if faults.get("cli"):
+        cli = faults["cli"]
         bad = [c for c in cli if c["problems"]]
         row(
             "infer CLI vs broken services",
@@ -378,7 +340,35 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
             f"({s['requests_per_s']:.0f}/s, concurrency {s['concurrency']})",
             f"{base} soak --soak-requests {s['requests']}",
         )
+    for section, lines in doc.get("other", {}).items():
+        for line in lines:
+            rows.append(_generic_row(section, line))
+    t = doc["tests"]
+    row(
+        "reliability tests",
+        t["failed"] == 0 and t["passed"] > 0,
+        f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped",
+        doc["suite"],
+    )
     return rows
+
+
+def _generic_row(section: str, line: dict[str, Any]) -> list[str]:
+    """A row of a section this command has no summary for: its own ``passed`` (or ``ok``) flag,
+    and its figures as ``name value`` pairs."""
+    verdict = line.get("passed", line.get("ok"))
+    result = "-" if verdict is None else ("pass" if verdict else "FAIL")
+    values = {k: v for k, v in line.items() if k not in ("section", "row", "passed", "ok")}
+    figure = ", ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in values.items())
+    return [f"{section}: {line.get('row', '')}", result, figure or "-", f"pytest {SUITE}"]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
 
 
 def markdown(doc: dict[str, Any], rows: list[list[str]]) -> str:
@@ -393,7 +383,7 @@ def markdown(doc: dict[str, Any], rows: list[list[str]]) -> str:
         f"({doc['machine']}), 1-minute load average {load}.\n\n",
         report.markdown_table(HEADERS, rows, align=ALIGN),
     ]
-    if "faults" in doc:
+    if doc.get("faults", {}).get("cli"):
         cli_rows = [
             [
                 c["behaviour"],
@@ -402,7 +392,7 @@ def markdown(doc: dict[str, Any], rows: list[list[str]]) -> str:
                 c["ran"] or "-",
                 c["reason"] or "-",
                 f"{c['seconds']:.1f}",
-                "; ".join(c["problems"]) or "ok",
+                c["problems"] or "ok",
             ]
             for c in doc["faults"]["cli"]
         ]

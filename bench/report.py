@@ -1,12 +1,12 @@
 """Output helpers shared by the benchmarks: JSON files, markdown tables, rich tables, PNG charts.
 
-    >>> write_json(Path("bench/results/x.json"), {"ratio": 0.25})
-    >>> print(markdown_table(["split", "bytes"], [["_blocks.5", "12,345"]], align="lr"))
-    | split | bytes |
-    | :--- | ---: |
-    | _blocks.5 | 12,345 |
-    >>> fig, (top, bottom) = new_figure(2, sharex=True)
-    >>> save_png(fig, Path("bench/results/x.png"))
+    write_json(Path("bench/results/x.json"), {"ratio": 0.25})
+    print(markdown_table(["split", "bytes"], [["_blocks.5", "12,345"]], align="lr"))
+    # | split | bytes |
+    # | :--- | ---: |
+    # | _blocks.5 | 12,345 |
+    fig, (top, bottom) = new_figure(2, sharex=True)
+    save_png(fig, Path("bench/results/x.png"))
 
 Files are written whole or not at all (a temporary file, then a rename), so an interrupted run
 never leaves a half-written result next to good ones.
@@ -67,7 +67,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
     NaN and infinity raise ``ValueError``: they are not JSON, and other tools reject them.
 
-        >>> write_json(Path("out/fidelity.json"), {"model": "efficientnet_lite0", "images": 205})
+        write_json(Path("out/fidelity.json"), {"model": "efficientnet_lite0", "images": 205})
     """
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
@@ -78,8 +78,8 @@ def markdown_table(
     """A GitHub-flavoured markdown table. ``align`` has one letter per column, ``l`` or ``r``
     (default: all left). Cells are ``str()``-ed; pipes are escaped and newlines become spaces.
 
-        >>> markdown_table(["a", "b"], [[1, "x|y"]])
-        '| a | b |\\n| :--- | :--- |\\n| 1 | x\\\\|y |\\n'
+        markdown_table(["a", "b"], [[1, "x|y"]])
+        # '| a | b |\\n| :--- | :--- |\\n| 1 | x\\\\|y |\\n'
     """
     align = align or "l" * len(headers)
     if len(align) != len(headers) or set(align) - {"l", "r"}:

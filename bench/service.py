@@ -48,7 +48,14 @@ import torch
 from rich.console import Console
 
 from bench import report
-from bench.service_compute import CpuLayout, cpu_layout, encode_frames, pinned, raw_compute_rps
+from bench.service_compute import (
+    CpuLayout,
+    cpu_layout,
+    encode_frames,
+    pinned,
+    raw_compute_rps,
+    server_inputs,
+)
 from bench.service_load import (
     LevelStats,
     LoadFrame,
@@ -217,13 +224,14 @@ def run(args: argparse.Namespace) -> int:
         device = DeviceRuntime(args.model)
         point = device.point(args.split) if args.split is not None else device.middle_point()
         frames = encode_frames(device, point, sample_photos())
+        decoded = server_inputs(device, point, frames)
         served = load_runtime(args.model, profile_repeats=0)  # the very tails the service runs
 
     def tail(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return served.run(point.name, inputs)
 
     def measure_raw(when: str) -> float:
-        return _raw(console, tail, frames, settings, layout, raw_s, when)
+        return _raw(console, tail, decoded, settings, layout, raw_s, when)
 
     raw = [measure_raw("before the load")]
     runs: list[LevelStats] = []
@@ -332,7 +340,7 @@ def _progress(stats: LevelStats) -> str:
 def _raw(
     console: Console,
     tail: Tail,
-    frames: list[LoadFrame],
+    inputs: list[tuple[torch.Tensor, ...]],
     settings: dict[str, Any],
     layout: CpuLayout,
     seconds: float,
@@ -343,7 +351,7 @@ def _raw(
         console.status(f"raw batched compute, {when}"),
         pinned(layout.service, threads=settings["threads"]),
     ):
-        rps = raw_compute_rps(tail, frames, batch_size=settings["max_batch_size"], seconds=seconds)
+        rps = raw_compute_rps(tail, inputs, batch_size=settings["max_batch_size"], seconds=seconds)
     console.print(f"raw batched compute, {when}: {rps:.1f} samples/s")
     return rps
 

@@ -1,12 +1,12 @@
 """The torch side of ``bench service``: the frames the clients send, and raw batched compute.
 
-    >>> runtime = DeviceRuntime("efficientnet_lite0")
-    >>> point = runtime.middle_point()
-    >>> frames = encode_frames(runtime, point, sample_photos())
-    >>> served = load_runtime("efficientnet_lite0", profile_repeats=0)  # the service's tails
-    >>> with pinned({0}, threads=1):
-    ...     rps = raw_compute_rps(lambda x: served.run(point.name, x), frames,
-    ...                           batch_size=16, seconds=5)
+    runtime = DeviceRuntime("efficientnet_lite0")
+    point = runtime.middle_point()
+    frames = encode_frames(runtime, point, sample_photos())
+    served = load_runtime("efficientnet_lite0", profile_repeats=0)  # the service's tails
+    with pinned({0}, threads=1):
+        rps = raw_compute_rps(lambda x: served.run(point.name, x),
+                              server_inputs(runtime, point, frames), batch_size=16, seconds=5)
 
 Frames are encoded once, before any load runs, so the load generator does no torch work. The
 expected answer for a frame is the top-1 class of the same tail run locally on the frame's
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -25,12 +25,19 @@ from PIL import Image
 
 from bench.service_load import LoadFrame
 from device_client.runtime import DeviceRuntime
-from shared import codec, wire
+from shared.inbound import decode_frame
 from shared.partition import SplitPoint
 from shared.predictions import top_k
 from shared.preprocess import preprocess
 
-__all__ = ["CpuLayout", "cpu_layout", "encode_frames", "pinned", "raw_compute_rps"]
+__all__ = [
+    "CpuLayout",
+    "cpu_layout",
+    "encode_frames",
+    "pinned",
+    "raw_compute_rps",
+    "server_inputs",
+]
 
 
 def encode_frames(
@@ -42,29 +49,43 @@ def encode_frames(
     for name, image in photos.items():
         x = preprocess(image, runtime.spec.preprocessing)
         body = runtime.encode(point, runtime.run_head(point, x), request_id=f"bench-{name}")
-        logits = runtime.run_tail(point, _dequantize(body))
+        logits = runtime.run_tail(point, _server_decode(runtime, point, body))
         expected = top_k(logits, runtime.labels, 1)[0][0].index
         frames.append(LoadFrame(name, body, expected))
     return frames
 
 
-def _dequantize(body: bytes) -> tuple[torch.Tensor, ...]:
-    return tuple(codec.decode_tensor(t) for t in wire.decode(body).tensors)
+def server_inputs(
+    runtime: DeviceRuntime, point: SplitPoint, frames: Sequence[LoadFrame]
+) -> list[tuple[torch.Tensor, ...]]:
+    """The tensors the service's tail runs on for each frame, decoded as the service does."""
+    return [_server_decode(runtime, point, f.body) for f in frames]
+
+
+def _server_decode(
+    runtime: DeviceRuntime, point: SplitPoint, body: bytes
+) -> tuple[torch.Tensor, ...]:
+    return decode_frame(
+        body,
+        model=runtime.name,
+        fingerprint=runtime.fingerprint,
+        split=point.name,
+        expected=point.tensors,
+    ).tensors
 
 
 def raw_compute_rps(
     run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
-    frames: list[LoadFrame],
+    inputs: Sequence[tuple[torch.Tensor, ...]],
     *,
     batch_size: int,
     seconds: float,
 ) -> float:
     """Samples per second of ``run`` (the service's own tail: ``ModelRuntime.run``) alone, on
-    already-dequantized batches of ``batch_size`` rows (the frames, cycled): the ceiling the
-    service's batched throughput is measured against. Runs in this process with its current
-    affinity and torch thread count (see ``pinned``)."""
-    decoded = [_dequantize(f.body) for f in frames]
-    rows = [decoded[i % len(decoded)] for i in range(batch_size)]
+    already-decoded ``inputs`` (``server_inputs``) stacked into batches of ``batch_size`` rows
+    (cycled): the ceiling the service's batched throughput is measured against. Runs in this
+    process with its current affinity and torch thread count (see ``pinned``)."""
+    rows = [inputs[i % len(inputs)] for i in range(batch_size)]
     batch = tuple(torch.cat(parts) for parts in zip(*rows, strict=True))
     for _ in range(3):  # warm-up: allocator growth, lazy kernel choice
         run(batch)

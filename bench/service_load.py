@@ -1,9 +1,9 @@
 """The load generator of ``bench service``: closed-loop HTTP clients, and what their answers mean.
 
-    >>> frames = [LoadFrame("chelsea", body, expected=285)]
-    >>> level = asyncio.run(run_level(url, frames, concurrency=16, warmup_s=3, duration_s=12,
-    ...                               timeout_s=30))
-    >>> stats = summarize(16, level.samples, window=(3.0, 15.0))
+    frames = [LoadFrame("chelsea", body, expected=285)]
+    level = asyncio.run(run_level(url, frames, concurrency=16, warmup_s=3, duration_s=12,
+                                  timeout_s=30))
+    stats = summarize(16, level.samples, window=(3.0, 15.0))
 
 Each of ``concurrency`` clients is an asyncio task with its own keep-alive connection
 (``bench.service_http``, a minimal HTTP/1.1 client far lighter than httpx); it posts
@@ -28,14 +28,16 @@ import asyncio
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.service_http import Connection, HttpError
+from bench.stats import percentile
 from shared import wire
 
 __all__ = [
@@ -47,7 +49,6 @@ __all__ = [
     "Sample",
     "classify",
     "histogram_mean",
-    "percentile",
     "process_cpu_s",
     "run_level",
     "summarize",
@@ -108,9 +109,8 @@ def classify(
     ``status`` is None when no response came back; ``error`` then says why (``timeout``,
     ``ConnectError``...).
 
-        >>> classify(200, headers={}, body=b'{"top_k": [[{"index": 3}]], "batch_size": 2}',
-        ...          expected=3, elapsed_s=0.01).outcome
-        'ok'
+        classify(200, headers={}, body=b'{"top_k": [[{"index": 3}]], "batch_size": 2}',
+                 expected=3, elapsed_s=0.01).outcome  # 'ok'
     """
     if status is None:
         return Classified("error", error or "no response")
@@ -142,24 +142,6 @@ def _retry_after_s(headers: Mapping[str, str]) -> float | None:
     except ValueError:
         return None  # an HTTP date is legal, but this service never sends one
     return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100), interpolating linearly between ranks as numpy's default
-    does; None for no values.
-
-        >>> percentile([1.0, 2.0, 3.0, 4.0], 50)
-        2.5
-    """
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be in 0..100, got {q}")
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True)
@@ -271,7 +253,6 @@ def summarize(
     )
 
 
-_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
 
 
 def histogram_mean(before: str, after: str, name: str, labels: Mapping[str, str]) -> float | None:
@@ -279,15 +260,14 @@ def histogram_mean(before: str, after: str, name: str, labels: Mapping[str, str]
     (``_sum`` and ``_count`` deltas of the series matching ``labels``); None if it got none."""
 
     def totals(text: str) -> tuple[float, float]:
-        got = {"sum": 0.0, "count": 0.0}
-        for line in text.splitlines():
-            match = _SAMPLE.match(line)
-            if not match or match.group(1) not in (f"{name}_sum", f"{name}_count"):
-                continue
-            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            if all(found.get(k) == v for k, v in labels.items()):
-                got[match.group(1).rsplit("_", 1)[1]] += float(match.group(3))
-        return got["sum"], got["count"]
+        got = {f"{name}_sum": 0.0, f"{name}_count": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in got and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    got[sample.name] += sample.value
+        return got[f"{name}_sum"], got[f"{name}_count"]
 
     sum_before, count_before = totals(before)
     sum_after, count_after = totals(after)

@@ -1,7 +1,7 @@
 """The output of ``bench service``: the table, the bar, ``service.json`` and the chart.
 
->>> doc = to_json(runs, raw_rps=180.0, command="python -m bench service", settings={...})
->>> plot(runs, 180.0, Path("bench/results/service.png"), title="...")
+    doc = to_json(runs, raw_rps=180.0, command="python -m bench service", settings={...})
+    plot(runs, 180.0, Path("bench/results/service.png"), title="...")
 """
 
 from __future__ import annotations

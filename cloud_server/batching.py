@@ -52,9 +52,11 @@ class _Pending:
 class Batcher:
     """Queue, batch and run requests; see the module docstring.
 
-        >>> batcher = Batcher(run, max_batch_size=16, max_queue_delay_ms=2, max_queue=256)
-        >>> await batcher.start()
-        >>> result = await batcher.submit(("resnet18", "layer3.0"), (activation,), timeout_s=5)
+    In a coroutine, with ``run(key, inputs)`` the batched forward pass::
+
+        batcher = Batcher(run, max_batch_size=16, max_queue_delay_ms=2, max_queue=256)
+        await batcher.start()
+        result = await batcher.submit(("resnet18", "layer3.0"), (activation,), timeout_s=5)
     """
 
     def __init__(self, run: RunFn, *, max_batch_size: int, max_queue_delay_ms: float,

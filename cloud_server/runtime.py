@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from shared import codec, wire
 from shared.candidates import WHOLE_MODEL
-from shared.errors import FingerprintMismatchError, ShapeMismatchError
+from shared.inbound import decode_frame
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.partition import Partitioner, SplitPoint
 from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess, reference_photo
@@ -55,19 +55,12 @@ class ModelRuntime:
 
     def decode_frame(self, body: bytes, point: SplitPoint, *, max_frame_bytes: int,
                      max_batch: int) -> tuple[wire.Frame, tuple[torch.Tensor, ...], int]:
-        """Parse and check a frame for ``point`` and dequantize its tensors."""
-        frame = wire.decode(body, max_frame_bytes=max_frame_bytes)
-        if frame.model != self.name:
-            raise ShapeMismatchError(f"frame is for model {frame.model!r}, sent to {self.name!r}")
-        if frame.split != point.name:
-            raise ShapeMismatchError(
-                f"frame is for split point {frame.split!r}, sent to {point.name!r}")
-        if frame.fingerprint != self.fingerprint:
-            raise FingerprintMismatchError(
-                f"frame was made with weights {frame.fingerprint}, this service serves "
-                f"{self.name} with weights {self.fingerprint}")
-        rows = wire.check_shapes(frame, point.tensors, max_batch=max_batch)
-        return frame, tuple(codec.decode_tensor(t) for t in frame.tensors), rows
+        """Parse and check a frame for ``point`` and dequantize its tensors
+        (``shared.inbound.decode_frame``)."""
+        decoded = decode_frame(body, model=self.name, fingerprint=self.fingerprint,
+                               split=point.name, expected=point.tensors,
+                               max_frame_bytes=max_frame_bytes, max_batch=max_batch)
+        return decoded.frame, decoded.tensors, decoded.rows
 
     def decode_image(self, body: bytes) -> torch.Tensor:
         """An encoded image (JPEG, PNG...) to a normalized ``(1, 3, H, W)`` input."""

@@ -24,7 +24,12 @@ class CircuitBreaker:
     """``allow()`` before a request; ``record_success()`` or ``record_failure()`` after it.
 
         >>> breaker = CircuitBreaker(failure_threshold=3, cooldown_s=5.0)
-        >>> if breaker.allow(): ...
+        >>> breaker.allow()
+        True
+        >>> for _ in range(3):
+        ...     breaker.record_failure()
+        >>> breaker.allow()  # open: requests fail fast until the cool-down ends
+        False
     """
 
     def __init__(self, *, failure_threshold: int = 3, cooldown_s: float = 5.0,

@@ -61,8 +61,10 @@ class Reply:
 class ServiceClient:
     """Talks to one splitserve service over one pooled connection.
 
-        >>> async with ServiceClient("http://127.0.0.1:8000") as client:
-        ...     meta = await client.metadata("efficientnet_lite0")
+    In a coroutine::
+
+        async with ServiceClient("http://127.0.0.1:8000") as client:
+            meta = await client.metadata("efficientnet_lite0")
     """
 
     def __init__(self, base_url: str, *, api_key: str | None = None,
@@ -186,7 +188,7 @@ def tls_verify(ca_cert: str | None) -> ssl.SSLContext | bool:
     """``verify=`` for ``ServiceClient``: trust the PEM certificate(s) in ``ca_cert`` (a private
     CA, or a self-signed service), or the system's CAs when None.
 
-        >>> ServiceClient("https://10.0.0.5:8443", verify=tls_verify("service-ca.pem"))
+        ServiceClient("https://10.0.0.5:8443", verify=tls_verify("service-ca.pem"))
     """
     if ca_cert is None:
         return True

@@ -5,6 +5,7 @@ It runs exactly ``python -m cloud_server --host 127.0.0.1 --port P``, the contai
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -51,11 +52,10 @@ class LocalService:
         return Path(self._log.name)
 
     def start(self) -> LocalService:
-        try:
-            import cloud_server  # noqa: F401  (only to fail early with a useful hint)
-        except ImportError as exc:
+        # Looked up, not imported: the device side never imports the service (it runs it).
+        if importlib.util.find_spec("cloud_server") is None:
             raise ConfigError("the cloud service is not installed: "
-                              "pip install 'splitserve[cloud]'") from exc
+                              "pip install 'splitserve[cloud]'")
         self.process = subprocess.Popen(self._args, env=self._env, stdout=self._log,
                                         stderr=subprocess.STDOUT)
         self.wait_ready()

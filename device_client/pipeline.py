@@ -35,9 +35,11 @@ __all__ = ["AUTO", "CLOUD", "DEVICE", "Device"]  # the names re-exported from sh
 class Device:
     """The device side of splitserve for one model and one service.
 
-        >>> async with ServiceClient(url) as client:
-        ...     device = Device(DeviceRuntime("efficientnet_lite0"), client)
-        ...     result = await device.infer(load_image("cat.jpg"), split="_blocks.5")
+    In a coroutine::
+
+        async with ServiceClient(url) as client:
+            device = Device(DeviceRuntime("efficientnet_lite0"), client)
+            result = await device.infer(load_image("cat.jpg"), split="_blocks.5")
     """
 
     def __init__(self, runtime: DeviceRuntime, client: ServiceClient | None, *,

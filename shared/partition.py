@@ -15,8 +15,10 @@ dimension first, the network input is not among them (that is the ``cloud`` cand
 there are at most ``max_tensors`` of them. On branching graphs several tensors may cross; the head
 returns all of them, in definition order, and the tail takes them in the same order.
 
-    >>> points = find_split_points(model, torch.zeros(1, 3, 224, 224))
-    >>> head, tail = split_model(model, points[5], torch.zeros(1, 3, 224, 224))
+    >>> from shared.models import resnet18
+    >>> model, x = resnet18().eval(), torch.zeros(1, 3, 224, 224)
+    >>> points = find_split_points(model, x)
+    >>> head, tail = split_model(model, points[5], x)
     >>> torch.allclose(tail(*head(x)), model(x))
     True
 """
@@ -79,8 +81,11 @@ class Partitioner:
     Heads and tails are ``fx.GraphModule``s that share parameters with ``model``, so building a
     tail for every split point costs no extra weight memory.
 
-        >>> part = Partitioner(model, torch.zeros(1, 3, 224, 224))
+        >>> from shared.models import mobilenet_v2
+        >>> part = Partitioner(mobilenet_v2().eval(), torch.zeros(1, 3, 224, 224))
         >>> head, tail = part.split("features.7")
+        >>> [p.name for p in part.points][:3]
+        ['features.0', 'features.1', 'features.2']
     """
 
     def __init__(self, model: nn.Module, example_input: Inputs, *, max_tensors: int = 4) -> None:
@@ -207,7 +212,8 @@ def find_split_points(model: nn.Module, example_input: Inputs, *, max_tensors: i
                       ) -> list[SplitPoint]:
     """List the legal split points of ``model`` in execution order.
 
-        >>> [p.name for p in find_split_points(resnet18, torch.zeros(1, 3, 224, 224))][:4]
+        >>> from shared.models import resnet18
+        >>> [p.name for p in find_split_points(resnet18(), torch.zeros(1, 3, 224, 224))][:4]
         ['conv1', 'bn1', 'relu', 'maxpool']
     """
     return Partitioner(model, example_input, max_tensors=max_tensors).points

@@ -287,9 +287,10 @@ def choose(
     ``max(hysteresis * current_total, min_gain_ms)``: estimates are noisy, and flapping between
     two near-equal cuts costs cold caches on both sides for nothing.
 
-        >>> link = LinkEstimate(uplink_bps=0.5e6, rtt_ms=60.0)
-        >>> choose(device, server, link, current=CLOUD).chosen  # 159 ms faster: worth a switch
-        '_blocks.5'
+    With ``device`` and ``server`` the two sides' profiles::
+
+        link = LinkEstimate(uplink_bps=0.5e6, rtt_ms=60.0)
+        choose(device, server, link, current=CLOUD).chosen  # '_blocks.5': 159 ms faster
     """
     _check_finite(hysteresis=hysteresis, min_gain_ms=min_gain_ms)
     rows = tuple(estimate(c, server, link) for c in _offered(device.costs, server))

@@ -4,7 +4,9 @@ Pure functions over Pillow images; no numpy. Pixel statistics are in 0..255 unit
 pixels are, so ``(x - mean) / std`` needs no extra ``/ 255``.
 
     >>> pre = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    >>> x = preprocess(load_image("cat.jpg"), pre)    # float32, (1, 3, 224, 224)
+    >>> x = preprocess(reference_photo(), pre)
+    >>> x.dtype, tuple(x.shape)
+    (torch.float32, (1, 3, 224, 224))
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class Preprocessing:
 
     ``mean`` and ``std`` are per RGB channel, in 0..255 pixel units.
 
-        >>> Preprocessing(resize_size=256, crop_size=224, mean=(127.0,) * 3, std=(128.0,) * 3)
+        >>> pre = Preprocessing(resize_size=256, crop_size=224, mean=(127.0,) * 3, std=(128.0,) * 3)
+        >>> pre.mean
+        (127.0, 127.0, 127.0)
     """
 
     resize_size: int = 256
@@ -93,7 +97,7 @@ def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
     The pixel count is checked from the header, before anything is decoded. EXIF orientation is
     applied, so a phone photo taken sideways comes out the way it was shot.
 
-        >>> load_image(Path("cat.jpg").read_bytes()).mode
+        >>> load_image(encode_jpeg(reference_photo())).mode
         'RGB'
 
     Raises ``ImageError`` for a missing file, data that isn't an image, a truncated image or one
@@ -160,7 +164,7 @@ def center_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
 def to_tensor(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """Turn an image into a normalized float32 batch of one, ``(1, 3, height, width)``.
 
-    >>> to_tensor(Image.new("RGB", (224, 224), (127, 127, 127)), pre).shape
+    >>> to_tensor(Image.new("RGB", (224, 224), (127, 127, 127)), Preprocessing()).shape
     torch.Size([1, 3, 224, 224])
     """
     if img.mode != "RGB":
@@ -177,7 +181,7 @@ def to_tensor(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
 def preprocess(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """``to_tensor(center_crop(img, pre), pre)``: the model's input for one image.
 
-    >>> preprocess(load_image("cat.jpg"), get_spec("resnet18").preprocessing).shape
+    >>> preprocess(reference_photo(), Preprocessing()).shape
     torch.Size([1, 3, 224, 224])
     """
     return to_tensor(center_crop(img, pre), pre)
@@ -189,7 +193,7 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     4:2:0 subsampling saves ~20% of the bytes but flipped the top-1 class of an ambiguous
     sample photo (skimage's astronaut) even at quality 95; 4:4:4 at quality 90 kept all five.
 
-    >>> encode_jpeg(center_crop(img, pre), quality=90)[:2]
+    >>> encode_jpeg(center_crop(reference_photo(), Preprocessing()), quality=90)[:2]
     b'\\xff\\xd8'
     """
     if not 1 <= quality <= 100:

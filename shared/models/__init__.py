@@ -1,9 +1,12 @@
 """The models splitserve can split, by name, with their preprocessing and weights.
 
     >>> from shared.models import get_model, get_spec, imagenet_labels
-    >>> model = get_model("efficientnet_lite0")             # eval mode, ImageNet weights
-    >>> logits = model(get_spec("efficientnet_lite0").example_input())
+    >>> from shared.preprocess import preprocess, reference_photo
+    >>> spec = get_spec("efficientnet_lite0")
+    >>> model = get_model(spec.name)                        # eval mode, ImageNet weights
+    >>> logits = model(preprocess(reference_photo(), spec.preprocessing))
     >>> imagenet_labels()[int(logits.argmax())]
+    'Egyptian cat'
 
 Builders (``efficientnet_lite0``, ``mobilenet_v2``, ``resnet18``) return random-weight modules,
 torchvision style; ``get_model`` is the way to get one with known weights.

@@ -30,9 +30,10 @@ _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``torch.save`` file, refusing anything but tensors and containers.
 
-    >>> sd = load_checkpoint("resnet18-f37072fd.pth")
-    >>> sd["fc.weight"].shape
-    torch.Size([1000, 512])
+    With a torchvision checkpoint on disk::
+
+        sd = load_checkpoint("resnet18-f37072fd.pth")
+        sd["fc.weight"].shape          # torch.Size([1000, 512])
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -92,7 +93,7 @@ def _listed(keys: list[str]) -> str:
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Copy ``state`` into ``model`` with ``strict=True``; ``source`` names it in errors.
 
-    >>> load_into(resnet18(), load_checkpoint("resnet18.pth"), source="resnet18.pth")
+        load_into(resnet18(), load_checkpoint("resnet18.pth"), source="resnet18.pth")
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

@@ -1,10 +1,12 @@
 """The model registry: names to specs, and ``get_model`` to build one with its weights.
 
->>> list_models()
-['efficientnet_lite0', 'mobilenet_v2', 'resnet18']
->>> model = get_model("efficientnet_lite0")        # eval mode, ImageNet weights
->>> x = get_spec("efficientnet_lite0").example_input()
->>> fingerprint(model)                             # 32 hex digits naming the weights
+    >>> list_models()
+    ['efficientnet_lite0', 'mobilenet_v2', 'resnet18']
+    >>> model = get_model("efficientnet_lite0")        # eval mode, ImageNet weights
+    >>> tuple(get_spec("efficientnet_lite0").example_input().shape)
+    (1, 3, 224, 224)
+    >>> fingerprint(model)                             # hex digits naming the weights
+    '48a7753a339e27f543b2462f172a8f69'
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ _REGISTRY: dict[str, ModelSpec] = {}
 def register_model(spec: ModelSpec) -> ModelSpec:
     """Add a model; raises ``DuplicateModelError`` if its name is taken.
 
-    >>> register_model(ModelSpec("tiny", builder=make_tiny, preprocessing=Preprocessing()))
+    With ``make_tiny`` a keyword-only builder returning an ``nn.Module``, as torchvision's are::
+
+        register_model(ModelSpec("tiny", builder=make_tiny, preprocessing=Preprocessing()))
     """
     if spec.name in _REGISTRY:
         raise DuplicateModelError(f"a model named {spec.name!r} is already registered")
@@ -141,9 +145,9 @@ def get_model(name: str, *, weights: Weights | None = None, seed: int = 0) -> nn
     unexpected or misshapen keys raise ``WeightsError``); a ``{"state_dict": ...}`` or
     ``{"model": ...}`` wrapper and a ``module.`` prefix are accepted.
 
-        >>> get_model("efficientnet_lite0")                         # real ImageNet weights
-        >>> get_model("resnet18", weights="random", seed=3)
-        >>> get_model("resnet18", weights="resnet18-f37072fd.pth")  # a torchvision checkpoint
+        get_model("efficientnet_lite0")                         # real ImageNet weights
+        get_model("resnet18", weights="random", seed=3)
+        get_model("resnet18", weights="resnet18-f37072fd.pth")  # a torchvision checkpoint
     """
     spec = get_spec(name)
     if weights is None:

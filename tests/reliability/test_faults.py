@@ -4,18 +4,20 @@ against services that fail in every way."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from bench.reliability_faults import (
+from device_client.runtime import DeviceRuntime
+from tests.support import figures, sizes
+from tests.support.faults import (
     cli_against_all,
     kill_and_restart,
     overload,
     stalled_connection,
 )
-from device_client.runtime import DeviceRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +26,7 @@ def test_killed_mid_run_then_restarted(
     device_runtime: DeviceRuntime, photos: dict[str, Image.Image], local_top1: dict[str, int]
 ) -> None:
     report = kill_and_restart(device_runtime, photos, local_top1, requests=30, kill_at=10)
+    figures.record("faults", "killed", ok=report.ok, **sizes.flat(asdict(report)))
     # All 30 came back, each with the top-1 of unsplit local inference.
     assert report.results == report.requests == 30
     assert report.top1_matches == 30, report
@@ -43,6 +46,7 @@ def test_stalled_connection_is_bounded_by_the_deadline(
     report = stalled_connection(
         device_runtime, photos["coffee"], local_top1["coffee"], deadline_s=1.0
     )
+    figures.record("faults", "stall", ok=report.ok, **sizes.flat(asdict(report)))
     assert report.ran == "device" and report.reason == "deadline", report
     assert report.top1_ok
     assert 1000 <= report.wall_ms <= report.bound_ms, report  # deadline + local compute + 0.5 s
@@ -52,6 +56,7 @@ def test_overload_gives_200_or_fast_503_and_devices_fall_back(
     device_runtime: DeviceRuntime, photos: dict[str, Image.Image], local_top1: dict[str, int]
 ) -> None:
     report = overload(device_runtime, photos, local_top1, clients=24, rounds=3)
+    figures.record("faults", "overload", ok=report.ok, **sizes.flat(asdict(report)))
     assert report.timeouts == 0 and not report.other, report
     assert report.ok_200 > 0 and report.fast_503 > 0, report
     assert report.ok_200 + report.fast_503 == report.requests
@@ -71,6 +76,10 @@ def test_cli_never_shows_a_traceback(
     image = tmp_path / "coffee.jpg"
     photos["coffee"].save(image, quality=95)
     outcomes = cli_against_all(image, local_top1["coffee"], workers=3)
+    for o in outcomes:
+        doc = sizes.flat(o.to_json())
+        del doc["stdout"], doc["stderr"]
+        figures.record("faults_cli", o.behaviour, **doc)
     broken = {(o.behaviour, o.fallback): (o.problems, o.stderr[-300:]) for o in outcomes
               if o.problems}  # fmt: skip
     assert not broken, broken

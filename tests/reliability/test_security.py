@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import os
 import pickle
 import shutil
 import ssl
@@ -38,13 +37,28 @@ FAST_START = {"SPLITSERVE_PROFILE_REPEATS": "0"}
 
 
 class _Payload:
-    """Unpickling this runs a shell command: what a hostile checkpoint or frame would carry."""
+    """Unpickling this creates ``marker`` (``Path.touch``): what a hostile checkpoint or frame
+    would carry, with an effect the test can see. ``test_the_payload_is_live`` shows it works,
+    so a service or loader that unpickled it would leave the marker behind."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return os.system, (f"touch {self.marker}",)
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def _bodies(marker: Path) -> list[bytes]:
+    return [pickle.dumps(_Payload(marker)), pickle.dumps({"t": [_Payload(marker)]}, protocol=2)]
+
+
+def test_the_payload_is_live(tmp_path: Path) -> None:
+    """Each body the refusal tests send does run code when unpickled: here, in this process."""
+    marker = tmp_path / "pwned"
+    for body in _bodies(marker):
+        pickle.loads(body)  # the point: what the service must never do
+        assert marker.exists(), "unpickling did not run the payload: the tests would prove nothing"
+        marker.unlink()
 
 
 # --- nothing untrusted is unpickled -------------------------------------------------------------
@@ -67,12 +81,14 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path: Path, fmt: str
 def test_pickled_frame_is_a_400_and_never_runs(
     live_service: LocalService, device_runtime: DeviceRuntime, tmp_path: Path
 ) -> None:
-    marker = tmp_path / "pwned"
+    marker = tmp_path / "pwned"  # the service runs on this machine: it could create it
     split = "_blocks.9"
     url = f"{live_service.url}/v2/models/{MODEL}/splits/{split}/infer"
-    for body in (pickle.dumps(_Payload(marker)), pickle.dumps({"t": [_Payload(marker)]})):
+    for body in _bodies(marker):
         r = httpx.post(url, content=body, headers={"Content-Type": "application/msgpack"})
-        assert r.status_code == 400 and r.json()["error"], r.text
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert set(r.json()) == {"error"} and r.json()["error"], r.text
     time.sleep(0.2)
     assert not marker.exists(), "the frame's code ran"
     good = make_frame(device_runtime, split)

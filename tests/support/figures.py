@@ -1,9 +1,10 @@
 """Figures that a test measured, for ``python -m bench reliability`` to tabulate.
 
-A test calls ``record("hostile", "idle flood", ready_ms=412.0, passed=True)``. When the environment
-names a file in ``SPLITSERVE_FIGURES_OUT``, each call appends one JSON line to it; otherwise the call
-does nothing, so plain ``pytest`` runs are unaffected. The benchmark sets the variable, runs the
-suite in a subprocess and reads the lines back: tests and benchmarks share a file format, not code.
+A test calls ``record("hostile", "idle flood", ready_ms=412.0, passed=True)``. When the
+environment names a file in ``SPLITSERVE_FIGURES_OUT``, each call appends one JSON line to it;
+otherwise the call does nothing, so plain ``pytest`` runs are unaffected. The benchmark sets the
+variable, runs the suite in a subprocess and reads the lines back: tests and benchmarks share a
+file format, not code.
 """
 
 from __future__ import annotations

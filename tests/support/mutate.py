@@ -1,13 +1,12 @@
 """Hostile frames for the fuzz run: real frames mutated at the byte and msgpack level, named
 attacks (zstd bombs, extreme values, pickles) and bad URLs, headers and query parameters.
-``bench.reliability_bodies`` does the same for images, OIP JSON and HTTP itself.
+``tests.support.bodies`` does the same for images, OIP JSON and HTTP itself.
 
 Every generator is seeded and yields ``HttpCase`` objects that say what they did, so a failing
 case can be rebuilt from its seed and index.
 
-    >>> cases = list(frame_cases({"_blocks.9": frame}, model="efficientnet_lite0", n=300, seed=0))
-    >>> cases[0].description
-    'frame _blocks.9: scale=[nan] + flip 3 bits'
+    cases = list(frame_cases({"_blocks.9": frame}, model="efficientnet_lite0", n=300, seed=0))
+    cases[0].description   # 'frame _blocks.9: scale=[nan] + flip 3 bits'
 """
 
 from __future__ import annotations

@@ -21,11 +21,11 @@ from bench.service_load import (
     Sample,
     classify,
     histogram_mean,
-    percentile,
     run_level,
     summarize,
 )
 from bench.service_report import check_bar, plot, table_rows, to_json
+from bench.stats import percentile
 
 
 def _answer(index: int = 7, batch_size: int = 4) -> bytes:

@@ -14,6 +14,12 @@ from bench.netem import PROFILES, LinkShape, ShapedProxy
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+def _shaped(elapsed_s: float, expected_s: float) -> bool:
+    """The link took at least its modelled time (less would be a shaper that does not shape),
+    and not wildly more: a shared, busy CPU only ever makes the event loop late."""
+    return 0.85 * expected_s <= elapsed_s <= 2.5 * expected_s + 0.05
+
+
 async def _through_proxy(
     handler: Handler, shape: LinkShape, client: Callable[..., Awaitable[float]]
 ) -> tuple[float, ShapedProxy]:
@@ -64,7 +70,7 @@ def test_upload_pays_serialization_and_one_rtt() -> None:
 
     elapsed, proxy = asyncio.run(main())
     expected = 50_000 * 8 / 1e6 + 2 * 0.020  # 400 ms on the wire + 20 ms each way
-    assert elapsed == pytest.approx(expected, rel=0.15)
+    assert _shaped(elapsed, expected), elapsed
     assert proxy.up.bytes == 50_000
     assert proxy.down.bytes == 2
     assert proxy.connections == 1
@@ -82,7 +88,7 @@ def test_small_echo_takes_one_rtt() -> None:
         return await _through_proxy(echo, shape, _upload_client(b"x", 1))
 
     elapsed, _ = asyncio.run(main())
-    assert elapsed == pytest.approx(0.100, rel=0.15)
+    assert _shaped(elapsed, 0.100), elapsed
 
 
 def test_half_close_travels_behind_the_data_and_order_is_kept() -> None:
@@ -132,8 +138,8 @@ def test_shape_changes_at_runtime() -> None:
             times.append(time.perf_counter() - started)
         writer.close()
         await writer.wait_closed()
-        assert times[0] == pytest.approx(0.010, abs=0.008)
-        assert times[1] == pytest.approx(0.080 + 0.060, rel=0.15)  # 80 ms serialization
+        assert times[0] < 0.060, times  # the fast shape: ~10 ms
+        assert _shaped(times[1], 0.080 + 0.060), times  # 80 ms serialization
         return 0.0
 
     async def main() -> None:
@@ -165,7 +171,7 @@ def test_connections_share_the_link() -> None:
 
     times = asyncio.run(main())
     # 2 x 25 KB through one 1 Mbit/s link: the later one finishes after ~400 ms, not 200 ms.
-    assert max(times) == pytest.approx(0.400, rel=0.15)
+    assert _shaped(max(times), 0.400), times
 
 
 def test_unreachable_target_closes_the_client() -> None:

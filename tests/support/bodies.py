@@ -1,9 +1,9 @@
 """Hostile bodies for the other endpoints: broken and bomb images for ``/classify``, broken Open
 Inference Protocol JSON for ``/infer``, and requests that break HTTP/1.1 itself.
 
-    >>> cases = list(image_cases({"coffee.jpg": jpeg}, model="efficientnet_lite0", n=60, seed=0))
+    cases = list(image_cases({"coffee.jpg": jpeg}, model="efficientnet_lite0", n=60, seed=0))
 
-Seeded like ``bench.reliability_mutate``, whose ``HttpCase`` they yield.
+Seeded like ``tests.support.mutate``, whose ``HttpCase`` they yield.
 """
 
 from __future__ import annotations
@@ -17,11 +17,19 @@ import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from hypothesis import strategies as st
 from PIL import Image
 
-from bench.reliability_mutate import MSGPACK, HttpCase, flip_bits, insert_bytes, short, truncate
+from tests.support.mutate import MSGPACK, HttpCase, flip_bits, insert_bytes, short, truncate
 
-__all__ = ["image_cases", "oip_cases", "png_bomb_under_limit", "png_header_bomb", "raw_http_cases"]
+__all__ = [
+    "image_cases",
+    "oip_cases",
+    "oip_documents",
+    "png_bomb_under_limit",
+    "png_header_bomb",
+    "raw_http_cases",
+]
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -162,7 +170,9 @@ def _numbers(count: int, token: str) -> bytes:
 
 
 def oip_cases(*, model: str, n: int, seed: int) -> Iterator[HttpCase]:
-    """Broken ``/infer`` bodies: fixed large and deep ones first, then ``n`` random ones."""
+    """Broken ``/infer`` bodies: fixed large and deep ones first, then ``n`` random ones of the
+    kinds a JSON strategy does not write (bodies that are not JSON, huge and deep arrays,
+    headers). Wrong documents, values and datatypes come from the strategy ``oip_documents``."""
     path = f"/v2/models/{model}/infer"
     json_type = {"Content-Type": "application/json"}
     numel = 3 * 224 * 224
@@ -184,42 +194,17 @@ def oip_cases(*, model: str, n: int, seed: int) -> Iterator[HttpCase]:
     for description, body in fixed:
         yield HttpCase(f"oip: {description}", path, body, dict(json_type))
     rng = random.Random(seed)
+    kinds = (0, 2, 5, 6, 7, 8, 9)  # bad values, datatypes and documents: ``oip_documents``
     for _ in range(n):
-        kind = rng.randrange(10)
+        kind = rng.choice(kinds)
         headers = dict(json_type)
         if kind == 0:
             shape = rng.choice(_OIP_SHAPES)
             body, what = json.dumps(_oip([0.0] * 8, shape)).encode(), f"shape {short(shape)}"
-        elif kind == 1:
-            value = rng.choice(["x", None, True, {}, [], [[1, 2], 3], "NaN", 10**400])
-            try:
-                body = json.dumps(_oip([value] * 4)).encode()
-            except (OverflowError, ValueError):
-                body = head % 1 + b"[" + str(value).encode() + b"]}]}"
-            what = f"data [{short(value)}, ...]"
         elif kind == 2:
             depth = rng.choice([10, 200, 999, 1001, 5000])
             body = head % 1 + b"[" * depth + b"1" + b"]" * depth + b"}]}"
             what = f"nested depth {depth}"
-        elif kind == 3:
-            doc = _oip([0.0])
-            doc["inputs"][0]["datatype"] = rng.choice(["FP64", "INT8", "BYTES", "", None, 1])
-            body, what = json.dumps(doc).encode(), f"datatype {doc['inputs'][0]['datatype']!r}"
-        elif kind == 4:
-            doc = rng.choice(
-                [
-                    {"inputs": []},
-                    {"inputs": [_oip([0])["inputs"][0]] * 2},
-                    {},
-                    {"inputs": "x"},
-                    _oip([0], id="i" * 300),
-                    _oip([0], extra=1),
-                    _oip([0], parameters=[1]),
-                    _oip([0], outputs="x"),
-                    {"inputs": [{"name": "x"}]},
-                ]
-            )
-            body, what = json.dumps(doc).encode(), f"document {short(doc)}"
         elif kind == 5:
             body = rng.choice(
                 [
@@ -256,6 +241,40 @@ def oip_cases(*, model: str, n: int, seed: int) -> Iterator[HttpCase]:
             body = json.dumps(_oip([rng.uniform(-1e38, 1e38) for _ in range(16)])).encode()
             what = "random huge floats"
         yield HttpCase(f"oip: {what}", path, body, headers)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=24,
+)
+_OIP_TENSOR = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["input", "", "x"]) | st.text(max_size=8),
+        "shape": st.sampled_from([[1, 3, 224, 224], [2, 3, 224, 224], [1, 3, 2, 2]])
+        | st.lists(st.integers(min_value=-2, max_value=2**40), max_size=6)
+        | JSON_VALUES,
+        "datatype": st.sampled_from(["FP32", "FP64", "INT8", "BYTES", "fp32", ""]) | JSON_VALUES,
+        "data": st.lists(st.floats(width=32, allow_nan=False) | JSON_VALUES, max_size=12)
+        | JSON_VALUES,
+    },
+    optional={"parameters": JSON_VALUES},
+)
+#: Open Inference Protocol documents, right-shaped or not, down to arbitrary JSON: what the
+#: ``/infer`` endpoint must answer with 200 or a JSON 4xx, never anything else.
+oip_documents = (
+    st.fixed_dictionaries(
+        {"inputs": st.lists(_OIP_TENSOR, max_size=3) | JSON_VALUES},
+        optional={"id": JSON_VALUES, "parameters": JSON_VALUES, "outputs": JSON_VALUES},
+    )
+    | JSON_VALUES
+)
 
 
 # --- malformed HTTP -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ services that fail in every way.
     load = overload(runtime, photos, expected)
     cli = [cli_against(b, image_path, fallback=f) for b in BEHAVIOURS for f in (True, False)]
 
-Each returns plain figures; the tests assert on them and ``bench reliability`` reports them.
+Each returns plain figures; the tests assert on them and record them (``tests.support.figures``) for
+``python -m bench reliability``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from bench.reliability_fakes import BEHAVIOURS, FakeService
 from device_client.breaker import CircuitBreaker
 from device_client.client import ServiceClient
 from device_client.local_service import LocalService
@@ -40,6 +40,7 @@ from device_client.runtime import DeviceRuntime
 from shared import wire
 from shared.predictions import top_k
 from shared.preprocess import preprocess
+from tests.support.fakes import BEHAVIOURS, FakeService
 
 __all__ = [
     "CliOutcome",

@@ -1,7 +1,6 @@
 """Fuzz the live service and check every answer against the promise.
 
     report = FuzzReport()
-    fuzz_schema(url, report, examples=10, pinned={"model": [MODEL], "split": ["_blocks.9"]})
     with httpx.Client(base_url=url, timeout=60) as http:
         send_all(http, report, "frames", frame_cases(frames, model=MODEL, n=300, seed=0))
     fuzz_raw_http(url, report, raw_http_cases(model=MODEL, split="_blocks.9"))
@@ -23,14 +22,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import product
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from bench.reliability_mutate import HttpCase
-from shared.errors import ConfigError
+from tests.support.mutate import HttpCase
 
 __all__ = [
     "FuzzReport",
@@ -38,7 +35,7 @@ __all__ = [
     "Problem",
     "bad_neighbours",
     "fuzz_raw_http",
-    "fuzz_schema",
+    "send_schema_case",
     "send_all",
     "still_serving",
 ]
@@ -194,105 +191,36 @@ def send_all(
             on_case()
 
 
-def fuzz_schema(
-    base_url: str,
-    report: FuzzReport,
-    *,
-    examples: int,
-    pinned: Mapping[str, Sequence[str]] | None = None,
-    seed: int = 0,
-    on_case: Callable[[], None] | None = None,
-) -> None:
-    """schemathesis over every operation of ``/openapi.json``, positive and negative data.
+def send_schema_case(base_url: str, report: FuzzReport, case: Any) -> None:
+    """Send one schemathesis ``case`` to ``base_url`` and check its answer (source ``schema``).
 
-    Each operation is fuzzed with free path parameters (mostly 404s) and again with every
-    combination of ``pinned`` values (``{"model": [...], "split": [...]}``) that it takes, so
-    the cases reach past the lookups into the handlers.
+    Cases that the HTTP library itself refuses to build (a header it cannot encode, a URL it
+    cannot parse) were never sent: they count as ``unsendable``, not as answers.
     """
-    try:
-        import schemathesis
-    except ImportError as exc:
-        needs = "the schema fuzz needs schemathesis: pip install 'splitserve[dev]'"
-        raise ConfigError(needs) from exc
-
-    # The frame body is binary like application/octet-stream; schemathesis needs telling.
-    schemathesis.serializer.alias(MSGPACK_TYPE, "application/octet-stream")
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", timeout=30)
-    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
-    for result in schema.get_all_operations():
-        op = result.ok()
-        names = [p.name for p in op.path_parameters]
-        for mode, fixed in product(modes, _pinnings(names, pinned or {})):
-            label = f"{op.method.upper()} {op.path} {mode.value} {fixed or ''}".strip()
-            strategy = op.as_strategy(generation_mode=mode, path_parameters=fixed or None)
-            _run_operation(
-                base_url, report, label, strategy, examples=examples, seed=seed, on_case=on_case
-            )
-
-
-def _run_operation(
-    base_url: str,
-    report: FuzzReport,
-    label: str,
-    strategy: Any,
-    *,
-    examples: int,
-    seed: int,
-    on_case: Callable[[], None] | None,
-) -> None:
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hypothesis_seed
-    from hypothesis.errors import Unsatisfiable
     from requests.exceptions import ConnectionError as RequestsConnectionError
     from requests.exceptions import InvalidHeader, InvalidURL, Timeout
 
-    @hypothesis_seed(seed)
-    @settings(
-        max_examples=examples,
-        database=None,
-        deadline=None,
-        phases=(Phase.explicit, Phase.generate),
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(case=strategy)
-    def run(case: Any) -> None:
-        headers = {k.lower(): v for k, v in (case.headers or {}).items()}
-        started = time.perf_counter()
-        try:
-            r = case.call(base_url=base_url, timeout=60)
-        except (InvalidHeader, InvalidURL, UnicodeError, ValueError):
-            report.unsendable += 1  # requests refused to build it: nothing was sent
-            return
-        except (RequestsConnectionError, Timeout) as exc:
-            report.transport_error("schema", f"{label}: {_curl(case)}", exc)
-            return
-        flat = {k: v[0] if isinstance(v, list) else v for k, v in r.headers.items()}
-        report.check(
-            "schema",
-            f"{label}: {_curl(case)}",
-            r.status_code,
-            flat,
-            r.content,
-            client_deadline="x-request-timeout-ms" in headers,
-            elapsed_ms=(time.perf_counter() - started) * 1e3,
-        )
-        if on_case is not None:
-            on_case()
-
+    label = f"{case.operation.method.upper()} {case.operation.path}: {_curl(case)}"
+    headers = {k.lower(): v for k, v in (case.headers or {}).items()}
+    started = time.perf_counter()
     try:
-        run()
-    except Unsatisfiable:
-        pass  # e.g. no negative data for an operation without parameters
-
-
-def _pinnings(names: Sequence[str], pinned: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
-    """Free parameters first, then each model pinned, then each (model, split) pinned."""
-    out: list[dict[str, str]] = [{}]
-    keys = [k for k in ("model", "split") if k in names and k in pinned]
-    for i in range(1, len(keys) + 1):
-        for values in product(*(pinned[k] for k in keys[:i])):
-            out.append(dict(zip(keys[:i], values, strict=True)))
-    return out
+        r = case.call(base_url=base_url, timeout=60)
+    except (InvalidHeader, InvalidURL, UnicodeError, ValueError):
+        report.unsendable += 1
+        return
+    except (RequestsConnectionError, Timeout) as exc:
+        report.transport_error("schema", label, exc)
+        return
+    flat = {k: v[0] if isinstance(v, list) else v for k, v in r.headers.items()}
+    report.check(
+        "schema",
+        label,
+        r.status_code,
+        flat,
+        r.content,
+        client_deadline="x-request-timeout-ms" in headers,
+        elapsed_ms=(time.perf_counter() - started) * 1e3,
+    )
 
 
 def _curl(case: Any) -> str:
