@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from cloud_server.errors import install_error_handlers
 from cloud_server.middleware import AuthMiddleware, BodyLimitMiddleware
 from cloud_server.routers import health, infer, metrics, models
+from cloud_server.schemas import OipRequest
 from cloud_server.service import Loader, Service
 from cloud_server.settings import Settings, get_settings
 
@@ -64,7 +65,12 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
                     responses["400"] = {"description": "Invalid request",
                                         "content": {"application/json": {"schema": {
                                             "$ref": "#/components/schemas/ErrorBody"}}}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        # The OIP route reads its body itself (see routers/infer.py); its schema still belongs.
+        oip = OipRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(oip.pop("$defs", {}))
+        components["OipRequest"] = oip
         app.openapi_schema = schema
     return app.openapi_schema
