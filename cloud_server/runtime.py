@@ -15,7 +15,16 @@ from shared import codec, wire
 from shared.errors import FingerprintMismatchError, ShapeMismatchError
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.partition import Partitioner, SplitPoint
-from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess, reference_photo
+from shared.preprocess import (
+    UPLOAD_FORMATS,
+    ImageHeader,
+    center_crop,
+    encode_jpeg,
+    load_image,
+    preprocess,
+    read_header,
+    reference_photo,
+)
 from shared.timing import median_ms
 
 __all__ = ["FULL", "ModelRuntime", "keep_freed_memory", "load_runtime"]
@@ -69,9 +78,18 @@ class ModelRuntime:
         rows = wire.check_shapes(frame, point.tensors, max_batch=max_batch)
         return frame, tuple(codec.decode_tensor(t) for t in frame.tensors), rows
 
-    def decode_image(self, body: bytes) -> torch.Tensor:
-        """An encoded image (JPEG, PNG...) to a normalized ``(1, 3, H, W)`` input."""
-        return preprocess(load_image(body), self.spec.preprocessing)
+    def image_header(self, body: bytes) -> ImageHeader:
+        """The header of an upload (JPEG, PNG or WebP only), sized as ``decode_image`` decodes."""
+        return read_header(body, min_side=self.spec.preprocessing.resize_size)
+
+    def decode_image(self, body: bytes, *, max_decoded_bytes: int | None = None
+                     ) -> torch.Tensor:
+        """An encoded image (JPEG, PNG or WebP) to a normalized ``(1, 3, H, W)`` input, in at
+        most ``max_decoded_bytes`` of decoded pixels (see ``shared.preprocess.load_image``)."""
+        pre = self.spec.preprocessing
+        image = load_image(body, formats=UPLOAD_FORMATS, max_decoded_bytes=max_decoded_bytes,
+                           min_side=pre.resize_size)
+        return preprocess(image, pre)
 
     def run(self, key: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Run the tail of split point ``key``, or the whole model for FULL."""

@@ -100,7 +100,12 @@ async def classify(model: str, request: Request, service: ServiceDep, top_k: Top
         body = await request.body()
         service.metrics.received_bytes.labels(**labels).inc(len(body))
         started = time.perf_counter()
-        x = await asyncio.to_thread(runtime.decode_image, body)
+        limit = service.settings.max_image_bytes
+        header = await asyncio.to_thread(runtime.image_header, body)
+        # Checked again by the decoder; here it sizes the reservation, so a burst of large
+        # images decodes a few at a time rather than all at once.
+        async with service.image_budget.reserve(min(header.decoded_bytes, limit)):
+            x = await asyncio.to_thread(runtime.decode_image, body, max_decoded_bytes=limit)
         decode_ms = (time.perf_counter() - started) * 1e3
         return await _answer(service, runtime, FULL, (x,), decode_ms, x_request_id or "",
                              top_k, timeout_ms, split_name="cloud")
