@@ -36,17 +36,21 @@ __all__ = ["DropQueryString", "GuardedH11Protocol", "connection_cap", "protocol_
 log = logging.getLogger("cloud_server")
 
 # Descriptors kept free for what is not a client connection: the listening socket, model and
-# log files, torch's and the thread pool's pipes. On top, a listen backlog's worth: asyncio
-# accepts up to ``backlog`` sockets in one go before any of them reaches ``connection_made``.
+# log files, torch's and the thread pool's pipes.
 FD_RESERVE = 64
+# asyncio accepts up to its ``backlog`` argument sockets per pass of the loop, and a refused one
+# is closed only a few passes later, so several batches are open before any is shed. The batch
+# is kept small and the kernel's listen queue (``Settings.backlog``) is set separately.
+ACCEPT_BATCH = 64
+IN_FLIGHT_BATCHES = 4
 _EMFILE_LOG_EVERY_S = 5.0
 
 
-def connection_cap(max_connections: int, backlog: int) -> int:
-    """``max_connections``, lowered to fit under the process's open-file limit with room for a
-    whole ``backlog`` of sockets accepted at once.
+def connection_cap(max_connections: int) -> int:
+    """``max_connections``, lowered to fit under the process's open-file limit with room for the
+    sockets accepted but not yet shed.
 
-    >>> connection_cap(10, backlog=128) <= 10
+    >>> connection_cap(10) <= 10
     True
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -56,7 +60,8 @@ def connection_cap(max_connections: int, backlog: int) -> int:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:
         open_now = 32
-    return max(1, min(max_connections, soft - open_now - backlog - FD_RESERVE))
+    spare = FD_RESERVE + ACCEPT_BATCH * IN_FLIGHT_BATCHES
+    return max(1, min(max_connections, soft - open_now - spare))
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -132,8 +137,13 @@ def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[Gua
 
 
 class _Server(uvicorn.Server):
-    """Reports EMFILE on ``accept()`` as one line every few seconds instead of a traceback per
-    attempt (asyncio retries in a loop and reports each one)."""
+    """Sets the kernel's listen queue apart from asyncio's accept batch, and reports EMFILE on
+    ``accept()`` as one line every few seconds instead of a traceback per attempt (asyncio
+    retries in a loop and reports each one)."""
+
+    def __init__(self, config: uvicorn.Config, *, listen_backlog: int) -> None:
+        super().__init__(config)
+        self.listen_backlog = listen_backlog
 
     async def startup(self, sockets: Any = None) -> None:
         loop = asyncio.get_running_loop()
@@ -157,6 +167,12 @@ class _Server(uvicorn.Server):
 
         loop.set_exception_handler(handle)
         await super().startup(sockets)
+        for server in self.servers:
+            for listening in server.sockets:
+                # listen() again on a listening socket resizes its queue (Linux, BSD); on a dup,
+                # since asyncio hands out a wrapper without listen().
+                with listening.dup() as sock:
+                    sock.listen(self.listen_backlog)
 
 
 class DropQueryString(logging.Filter):
@@ -171,16 +187,16 @@ class DropQueryString(logging.Filter):
 
 def serve(app: Any, settings: Settings) -> None:
     """Run ``app`` until SIGTERM/SIGINT, with the limits of ``settings``."""
-    cap = connection_cap(settings.max_connections, settings.backlog)
+    cap = connection_cap(settings.max_connections)
     if cap < settings.max_connections:
         log.info("holding at most %d connections (open-file limit %d)", cap,
                  resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         http=protocol_class(max_connections=cap, header_timeout_s=settings.header_timeout_s),
-        backlog=settings.backlog, timeout_keep_alive=int(max(1, settings.keep_alive_s)),
+        backlog=ACCEPT_BATCH, timeout_keep_alive=int(max(1, settings.keep_alive_s)),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     logging.getLogger("uvicorn.access").addFilter(DropQueryString())
-    _Server(config).run()
+    _Server(config, listen_backlog=settings.backlog).run()

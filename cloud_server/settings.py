@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(30.0, ge=0)
     # Connections held at once; lowered at start-up to fit the open-file limit (see server.py).
     max_connections: int = Field(1000, ge=1, le=1_000_000)
-    backlog: int = Field(256, ge=16, le=65535)  # listen queue; also accepted per loop pass
+    backlog: int = Field(2048, ge=16, le=65535)  # the kernel's queue of connections to accept
     header_timeout_s: float = Field(10.0, gt=0, le=3600)  # accept -> complete request head
     keep_alive_s: float = Field(5.0, ge=1, le=3600)  # idle between requests on one connection
     max_header_bytes: int = Field(16 * 2**10, ge=1024, le=2**20)  # request line + headers
