@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageMode, ImageOps
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from shared.errors import ConfigError, ImageError
 
@@ -195,11 +195,11 @@ def _open(fp: str | os.PathLike[str] | io.BytesIO | bytes,
     if isinstance(fp, bytes | bytearray):
         fp = io.BytesIO(fp)
     try:
-        return Image.open(fp, formats=formats)  # lazy: reads the header only
+        return Image.open(fp, formats=None if formats is None else tuple(formats))  # header only
     except _DECODE_ERRORS as exc:
         # Not the exception's text: Pillow's names the file object, with its heap address.
         what = f"a {', '.join(formats[:-1])} or {formats[-1]} image" if formats else "an image"
-        detail = "" if isinstance(exc, Image.UnidentifiedImageError) else f" ({exc})"
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f" ({exc})"
         if "object at 0x" in detail:
             detail = ""
         raise ImageError(f"cannot open image: not {what}{detail}") from None

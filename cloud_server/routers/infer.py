@@ -225,9 +225,10 @@ def _parse_oip(body: bytes, runtime: ModelRuntime, max_batch: int) -> OipRequest
     try:
         return OipRequest.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise PayloadError(f"invalid request: {where}: {first.get('msg', 'invalid')}") from None
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        reason = errors[0]["msg"] if errors else "invalid"
+        raise PayloadError(f"invalid request: {where or 'body'}: {reason}") from None
 
 
 def _oip_input(tensor: OipTensor, runtime: ModelRuntime, max_batch: int) -> torch.Tensor:

@@ -4,17 +4,14 @@ bodies, image makers and an RSS reader. Each builds or measures; the tests decid
 from __future__ import annotations
 
 import io
-import json
+import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import zlib
 
 import httpx
-import msgpack
 from PIL import Image
 
 __all__ = [
@@ -22,7 +19,10 @@ __all__ = [
     "deep_json_body",
     "empty_arrays_frame",
     "empty_maps_frame",
+    "eps_bytes",
     "image_bytes",
+    "open_fds",
+    "png_16bit_rgba",
     "rss_mb",
     "timed_get_ms",
     "wait_rss_settles",
@@ -39,7 +39,7 @@ def rss_mb(pid: int) -> float:
 
 
 def open_fds(pid: int) -> int:
-    import os
+    """Open descriptors of process ``pid``."""
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
@@ -63,22 +63,20 @@ def timed_get_ms(url: str, timeout_s: float = 10.0) -> tuple[int, float]:
     return status, (time.perf_counter() - started) * 1e3
 
 
-@dataclass
 class Flood:
     """Hold ``count`` TCP connections to ``host:port`` that send nothing (or trickle a request
-    head one byte at a time with ``trickle=True``); reopen any the server closes, as an attacker
-    would. ``with Flood(...) as flood: ... flood.reconnects ...``"""
+    head one byte per 0.2 s with ``trickle=True``); reopen any the server closes, as an attacker
+    would. ``with Flood(host, port, 1100) as flood: ... flood.reconnects ...``"""
 
-    host: str
-    port: int
-    count: int
-    trickle: bool = False
-    reconnect: bool = True
-    reconnects: int = 0
-    refused: int = 0
-    _socks: list[socket.socket | None] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, host: str, port: int, count: int, *, trickle: bool = False,
+                 reconnect: bool = True) -> None:
+        self.host, self.port, self.count = host, port, count
+        self.trickle, self.reconnect = trickle, reconnect
+        self.reconnects = 0
+        self.refused = 0
+        self._socks: list[socket.socket | None] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def _open(self) -> socket.socket | None:
         s = socket.socket()
@@ -131,12 +129,6 @@ class Flood:
                 s.close()
 
 
-@contextmanager
-def flood(host: str, port: int, count: int, **kwargs: bool) -> Iterator[Flood]:
-    with Flood(host, port, count, **kwargs) as f:
-        yield f
-
-
 # --- amplification bodies ----------------------------------------------------------------------
 
 
@@ -166,19 +158,15 @@ def deep_json_body(target_bytes: int = 16 * 2**20) -> bytes:
     return prefix + b"[]," * (n - 1) + b"[]]}]}"
 
 
-def valid_msgpack_sanity() -> bytes:
-    return msgpack.packb({"v": 1})
-
-
 # --- images ------------------------------------------------------------------------------------
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (64, 64), mode: str = "RGB",
                 frames: int = 1, **save: object) -> bytes:
-    """An image of ``size`` in format ``fmt`` (Pillow's name: PNG, TIFF, GIF...)."""
+    """An image of ``size`` in format ``fmt`` (Pillow's name: PNG, TIFF, GIF...), mode ``RGB``
+    or ``L``, with ``frames`` frames."""
     buf = io.BytesIO()
-    img = Image.new(mode, size, 128 if mode in ("L", "I;16", "I") else (200, 100, 50)[
-        : len(mode)] if mode != "P" else 3)
+    img = Image.new(mode, size, 128 if mode == "L" else (200, 100, 50))
     if frames > 1:
         extra = [Image.new(mode, size, i % 250) for i in range(1, frames)]
         img.save(buf, format=fmt, save_all=True, append_images=extra, **save)
@@ -190,7 +178,6 @@ def image_bytes(fmt: str, size: tuple[int, int] = (64, 64), mode: str = "RGB",
 def png_16bit_rgba(width: int, height: int) -> bytes:
     """A flat 16-bit RGBA PNG: a few hundred KB on the wire, ``width * height * 8`` bytes as the
     file describes it. Written by hand: Pillow cannot save 16-bit RGBA."""
-    import zlib
     row = b"\x00" + b"\x12\x34" * 4 * width
     comp = zlib.compressobj(9)
     data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
@@ -208,8 +195,3 @@ def eps_bytes() -> bytes:
     """A minimal EPS file: the header Pillow's EPS plugin recognises."""
     return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
             b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
-
-
-def oip_body(shape: list[int], data: object) -> bytes:
-    return json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32",
-                                   "data": data}]}).encode()
