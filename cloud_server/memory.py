@@ -36,8 +36,11 @@ class ImageBudget:
     """Decoded bytes of the images being decoded at once, at most ``total_bytes``: a burst of
     large images waits its turn instead of every one of them allocating at the same time.
 
-        >>> budget = ImageBudget(total_bytes=2**28)
-        >>> async with budget.reserve(3 * 2**20): ...
+    >>> async def decode_one(budget: ImageBudget) -> int:
+    ...     async with budget.reserve(3 * 2**20):  # waits while others hold too much
+    ...         return budget.in_use_bytes
+    >>> asyncio.run(decode_one(ImageBudget(total_bytes=2**28)))
+    3145728
     """
 
     def __init__(self, total_bytes: int) -> None:
