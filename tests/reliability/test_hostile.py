@@ -208,6 +208,7 @@ def test_maximal_images_in_parallel_stay_bounded_and_memory_comes_back(svc: Loca
     assert settled_mb <= probe.start_mb * 1.25
 
 
+@pytest.mark.timeout(3600 if FULL else 300)
 def test_normal_classify_traffic_does_not_ratchet_memory(svc: LocalService) -> None:
     calls = 10_000 if FULL else 300
     url = f"{svc.url}/v2/models/{MODEL}/classify"
