@@ -147,9 +147,10 @@ def keep_freed_memory() -> bool:
     top of a heap above the trim threshold is trimmed. The next pass then page-faults all of it
     back in, zero-filled. Measured on the benchmark's tail (``python -m bench service``): 500-1,100
     minor faults per sample, and a third of the forward pass spent in the kernel; with these
-    settings 10-25 faults and 40-50% more samples per second. The cost: the process keeps its
-    peak heap (up to 256 MB of free space) rather than shrinking between batches, as any
-    caching allocator does. Process-wide, so call it once at start-up (``load_runtime`` does).
+    settings 10-25 faults and 40-50% more samples per second. The cost: during a burst the
+    process keeps its peak heap rather than shrinking between batches, as any caching allocator
+    does; the service's ``IdleTrimmer`` (memory.py) hands it back once the burst is over.
+    Process-wide, so call it once at start-up (``load_runtime`` does).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in tunables:

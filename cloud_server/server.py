@@ -19,6 +19,7 @@ once they fill it, health probes included. So, as nginx does:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -26,6 +27,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -109,6 +111,17 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing() and (
                 self.cycle is None or self.cycle.response_complete):
             self._await_head()  # keep-alive: the next request head has the same deadline
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers a malformed or oversized request head in text/plain; the service's
+        # errors are JSON everywhere.
+        body = json.dumps({"error": msg}).encode()
+        head = h11.Response(status_code=400, reason=b"Bad Request", headers=[
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")])
+        for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
 
     def _await_head(self) -> None:
         self._head_received()

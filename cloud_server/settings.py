@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     backlog: int = Field(2048, ge=16, le=65535)  # the kernel's queue of connections to accept
     header_timeout_s: float = Field(10.0, gt=0, le=3600)  # accept -> complete request head
     keep_alive_s: float = Field(5.0, ge=1, le=3600)  # idle between requests on one connection
-    max_header_bytes: int = Field(16 * 2**10, ge=1024, le=2**20)  # request line + headers
+    max_header_bytes: int = Field(16 * 2**10, ge=1024, le=2**20)  # an incomplete request head
     # Decoded size of one /classify image (width x height x bands x bytes per band) ...
     max_image_bytes: int = Field(96 * 2**20, ge=2**20)
     # ... and of every image being decoded at once: a burst waits instead of piling up.
