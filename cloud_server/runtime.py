@@ -78,9 +78,12 @@ class ModelRuntime:
         rows = wire.check_shapes(frame, point.tensors, max_batch=max_batch)
         return frame, tuple(codec.decode_tensor(t) for t in frame.tensors), rows
 
-    def image_header(self, body: bytes) -> ImageHeader:
-        """The header of an upload (JPEG, PNG or WebP only), sized as ``decode_image`` decodes."""
-        return read_header(body, min_side=self.spec.preprocessing.resize_size)
+    def image_header(self, body: bytes, *, max_decoded_bytes: int | None = None
+                     ) -> ImageHeader:
+        """The header of an upload (JPEG, PNG or WebP only), sized as ``decode_image`` with the
+        same budget decodes it."""
+        return read_header(body, formats=UPLOAD_FORMATS, max_decoded_bytes=max_decoded_bytes,
+                           min_side=self.spec.preprocessing.resize_size)
 
     def decode_image(self, body: bytes, *, max_decoded_bytes: int | None = None
                      ) -> torch.Tensor:

@@ -116,19 +116,28 @@ class ImageHeader:
 
 
 def read_header(data: bytes, *, formats: Sequence[str] = UPLOAD_FORMATS,
-                min_side: int | None = None) -> ImageHeader:
-    """The header of an image in one of ``formats`` (Pillow's names), without decoding it; a
-    JPEG's size is the one it will decode at with ``min_side`` (see ``load_image``).
+                max_decoded_bytes: int | None = None, min_side: int | None = None
+                ) -> ImageHeader:
+    """The header of an image in one of ``formats`` (Pillow's names), without decoding it,
+    sized as ``load_image`` with the same arguments decodes it (a JPEG over the budget at a
+    reduced scale).
 
     >>> read_header(encode_jpeg(Image.new("RGB", (640, 480)))).decoded_bytes
     921600
     """
     img = _open(data, formats)
     with img:
-        if min_side is not None:
+        header = _header(img)
+        if (max_decoded_bytes is not None and min_side is not None
+                and header.decoded_bytes > max_decoded_bytes):
             _draft(img, min_side)
-        return ImageHeader(img.format or "?", img.width, img.height, img.mode,
-                           getattr(img, "n_frames", 1))
+            header = _header(img)
+        return header
+
+
+def _header(img: Image.Image) -> ImageHeader:
+    return ImageHeader(img.format or "?", img.width, img.height, img.mode,
+                       getattr(img, "n_frames", 1))
 
 
 def load_image(source: str | os.PathLike[str] | bytes, *,
@@ -165,10 +174,10 @@ def load_image(source: str | os.PathLike[str] | bytes, *,
         if max_decoded_bytes is not None:
             if getattr(img, "n_frames", 1) > 1:
                 raise ImageError(f"animated {img.format} images are not accepted")
-            header = ImageHeader(img.format or "?", width, height, img.mode, 1)
+            header = _header(img)
             if header.decoded_bytes > max_decoded_bytes and min_side is not None:
                 _draft(img, min_side)
-                header = ImageHeader(header.format, img.width, img.height, img.mode, 1)
+                header = _header(img)
             if header.decoded_bytes > max_decoded_bytes:
                 raise ImageError(
                     f"image {width}x{height} {img.mode} decodes to {header.decoded_bytes} "

@@ -101,7 +101,7 @@ async def classify(model: str, request: Request, service: ServiceDep, top_k: Top
         service.metrics.received_bytes.labels(**labels).inc(len(body))
         started = time.perf_counter()
         limit = service.settings.max_image_bytes
-        header = await asyncio.to_thread(runtime.image_header, body)
+        header = await asyncio.to_thread(runtime.image_header, body, max_decoded_bytes=limit)
         # Checked again by the decoder; here it sizes the reservation, so a burst of large
         # images decodes a few at a time rather than all at once.
         async with service.image_budget.reserve(min(header.decoded_bytes, limit)):
