@@ -75,8 +75,9 @@ class GuardedH11Protocol(H11Protocol):
 
     max_connections = 1000
     header_timeout_s = 10.0
-    # Connections waiting for a request head, oldest first: the ones to shed at the cap.
-    waiting: OrderedDict[GuardedH11Protocol, None]
+    # Connections waiting for a request head, oldest first: the ones to shed at the cap. One per
+    # class: ``protocol_class`` gives each server its own.
+    waiting: OrderedDict[GuardedH11Protocol, None] = OrderedDict()
     shed_count = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
