@@ -8,10 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-import uvicorn
 from pydantic import ValidationError
 
 from cloud_server.app import create_app
+from cloud_server.server import serve
 from cloud_server.settings import Settings
 from shared import cliargs
 from shared.errors import SplitServeError
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("cloud_server").warning(
             "listening on %s with no API key: anyone who can reach port %d can use this service;"
             " set SPLITSERVE_API_KEYS, or bind 127.0.0.1", settings.host, settings.port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=int(
-                    settings.graceful_shutdown_s), ssl_certfile=settings.ssl_certfile,
-                ssl_keyfile=settings.ssl_keyfile)
+    serve(create_app(settings), settings)
     return 0
 
 

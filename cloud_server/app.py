@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from cloud_server.errors import install_error_handlers
-from cloud_server.middleware import AuthMiddleware, BodyLimitMiddleware
-from cloud_server.routers import health, infer, metrics, models
+from cloud_server.middleware import ActivityMiddleware, AuthMiddleware, BodyLimitMiddleware
+from cloud_server.routers import docs, health, infer, metrics, models
+from cloud_server.schemas import OipRequest
 from cloud_server.service import Loader, Service
 from cloud_server.settings import Settings, get_settings
 
@@ -35,19 +36,24 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         finally:
             await service.stop()
 
+    # FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN: a third party's scripts
+    # on the service's origin. docs.py serves a self-contained page instead.
     app = FastAPI(title="splitserve", version=health.VERSION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Split inference: the device runs the head of a vision model, "
                               "this service runs the tail.")
     app.state.service = service
-    for module in (health, models, infer, metrics):
+    for module in (health, models, infer, metrics, docs):
         app.include_router(module.router)
     install_error_handlers(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
-    # Added last runs first: auth, then the body limit, then the app.
+    # Added last runs first: activity, auth, then the body limit, then the app.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.request_timeout_s)
     app.add_middleware(AuthMiddleware,
                        api_keys=[k.get_secret_value() for k in settings.api_keys])
+    app.add_middleware(ActivityMiddleware, enter=service.trimmer.enter,
+                       exit=service.trimmer.exit)
     return app
 
 
@@ -64,7 +70,12 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
                     responses["400"] = {"description": "Invalid request",
                                         "content": {"application/json": {"schema": {
                                             "$ref": "#/components/schemas/ErrorBody"}}}}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        # The OIP route reads its body itself (see routers/infer.py); its schema still belongs.
+        oip = OipRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(oip.pop("$defs", {}))
+        components["OipRequest"] = oip
         app.openapi_schema = schema
     return app.openapi_schema

@@ -10,21 +10,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import PayloadTooLargeError, RequestTimeoutError
 
-__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "OPEN_PATHS", "bearer"]
+__all__ = ["ActivityMiddleware", "AuthMiddleware", "BodyLimitMiddleware", "OPEN_PATHS", "bearer"]
 
 # Declares the scheme in the OpenAPI schema for the routes that need a key. It checks nothing:
 # AuthMiddleware has already done that, before any body was read.
 bearer = HTTPBearer(auto_error=False, description="Required when SPLITSERVE_API_KEYS is set")
 
 # Reachable without a key: probes from orchestrators and scrapers, and the API's own docs.
-OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/v2/health/", "/metrics", "/docs", "/openapi.json")
 
 
 async def send_json_error(send: Send, status: int, message: str,
@@ -48,7 +48,11 @@ class AuthMiddleware:
         if scope["type"] != "http" or not self._keys or scope["path"].startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        given = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(given) > 1:  # which one counts would depend on the proxy in front: neither
+            await send_json_error(send, 400, "send one Authorization header, not several")
+            return
+        header = given[0] if given else b""
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
             await send_json_error(send, 401, "missing API key: send 'Authorization: Bearer <key>'",
@@ -116,3 +120,23 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class ActivityMiddleware:
+    """Calls ``enter()`` when an HTTP request starts and ``exit()`` when it ends, whatever the
+    outcome: the idle trimmer (memory.py) waits for none to be in flight."""
+
+    def __init__(self, app: ASGIApp, *, enter: Callable[[], None],
+                 exit: Callable[[], None]) -> None:
+        self.app = app
+        self._enter, self._exit = enter, exit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self._enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._exit()

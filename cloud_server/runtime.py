@@ -16,7 +16,16 @@ from shared.candidates import WHOLE_MODEL
 from shared.inbound import decode_frame
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.partition import Partitioner, SplitPoint
-from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess, reference_photo
+from shared.preprocess import (
+    UPLOAD_FORMATS,
+    ImageHeader,
+    center_crop,
+    encode_jpeg,
+    load_image,
+    preprocess,
+    read_header,
+    reference_photo,
+)
 from shared.timing import median_ms
 
 __all__ = ["ModelRuntime", "keep_freed_memory", "load_runtime"]
@@ -62,9 +71,21 @@ class ModelRuntime:
                                max_frame_bytes=max_frame_bytes, max_batch=max_batch)
         return decoded.frame, decoded.tensors, decoded.rows
 
-    def decode_image(self, body: bytes) -> torch.Tensor:
-        """An encoded image (JPEG, PNG...) to a normalized ``(1, 3, H, W)`` input."""
-        return preprocess(load_image(body), self.spec.preprocessing)
+    def image_header(self, body: bytes, *, max_decoded_bytes: int | None = None
+                     ) -> ImageHeader:
+        """The header of an upload (JPEG, PNG or WebP only), sized as ``decode_image`` with the
+        same budget decodes it."""
+        return read_header(body, formats=UPLOAD_FORMATS, max_decoded_bytes=max_decoded_bytes,
+                           min_side=self.spec.preprocessing.resize_size)
+
+    def decode_image(self, body: bytes, *, max_decoded_bytes: int | None = None
+                     ) -> torch.Tensor:
+        """An encoded image (JPEG, PNG or WebP) to a normalized ``(1, 3, H, W)`` input, in at
+        most ``max_decoded_bytes`` of decoded pixels (see ``shared.preprocess.load_image``)."""
+        pre = self.spec.preprocessing
+        image = load_image(body, formats=UPLOAD_FORMATS, max_decoded_bytes=max_decoded_bytes,
+                           min_side=pre.resize_size)
+        return preprocess(image, pre)
 
     def run(self, key: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Run the tail of split point ``key``, or the whole model for WHOLE_MODEL."""
@@ -125,9 +146,10 @@ def keep_freed_memory() -> bool:
     top of a heap above the trim threshold is trimmed. The next pass then page-faults all of it
     back in, zero-filled. Measured on the benchmark's tail (``python -m bench service``): 500-1,100
     minor faults per sample, and a third of the forward pass spent in the kernel; with these
-    settings 10-25 faults and 40-50% more samples per second. The cost: the process keeps its
-    peak heap (up to 256 MB of free space) rather than shrinking between batches, as any
-    caching allocator does. Process-wide, so call it once at start-up (``load_runtime`` does).
+    settings 10-25 faults and 40-50% more samples per second. The cost: during a burst the
+    process keeps its peak heap rather than shrinking between batches, as any caching allocator
+    does; the service's ``IdleTrimmer`` (memory.py) hands it back once the burst is over.
+    Process-wide, so call it once at start-up (``load_runtime`` does).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in tunables:

@@ -12,6 +12,7 @@ import torch
 from fastapi import Depends, Request
 
 from cloud_server.batching import Batcher, BatchResult
+from cloud_server.memory import IdleTrimmer, ImageBudget
 from cloud_server.metrics import Metrics
 from cloud_server.runtime import ModelRuntime, load_runtime
 from cloud_server.settings import Settings
@@ -41,6 +42,8 @@ class Service:
                                max_queue_delay_ms=settings.max_queue_delay_ms,
                                max_queue=settings.max_queue, on_batch=self._on_batch)
         self.metrics = Metrics(queue_depth=lambda: self.batcher.depth)
+        self.image_budget = ImageBudget(settings.image_memory_budget_bytes)
+        self.trimmer = IdleTrimmer(settings.trim_idle_s)
         self._thread: threading.Thread | None = None
 
     @property
@@ -50,10 +53,12 @@ class Service:
     async def start(self) -> None:
         torch.set_num_threads(self.settings.torch_threads())
         await self.batcher.start()
+        self.trimmer.start()
         self._thread = threading.Thread(target=self._load_all, name="loader", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
+        await self.trimmer.stop()
         await self.batcher.stop()
 
     def _load_all(self) -> None:

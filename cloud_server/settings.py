@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.cpu import cpu_limit
@@ -40,12 +40,32 @@ class Settings(BaseSettings):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     graceful_shutdown_s: float = Field(30.0, ge=0)
+    # Connections held at once; lowered at start-up to fit the open-file limit (see server.py).
+    max_connections: int = Field(1000, ge=1, le=1_000_000)
+    backlog: int = Field(2048, ge=16, le=65535)  # the kernel's queue of connections to accept
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)  # accept -> complete request head
+    keep_alive_s: float = Field(5.0, ge=1, le=3600)  # idle between requests on one connection
+    max_header_bytes: int = Field(16 * 2**10, ge=1024, le=2**20)  # an incomplete request head
+    # Decoded size of one /classify image (width x height x bands x bytes per band) ...
+    max_image_bytes: int = Field(96 * 2**20, ge=2**20)
+    # ... and of every image being decoded at once: a burst waits instead of piling up.
+    image_memory_budget_bytes: int = Field(384 * 2**20, ge=2**20)
+    # Free heap goes back to the OS once the service has been idle this long (0: never).
+    trim_idle_s: float = Field(1.0, ge=0, le=3600)
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("image_memory_budget_bytes")
+    @classmethod
+    def _budget_fits_an_image(cls, value: int, info: ValidationInfo) -> int:
+        per_image = info.data.get("max_image_bytes", 0)
+        if value < per_image:
+            raise ValueError(f"must be at least max_image_bytes ({per_image})")
         return value
 
     @field_validator("models")

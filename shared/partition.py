@@ -166,15 +166,18 @@ class Partitioner:
                 raise UnknownSplitPointError(f"split point {key.name!r} does not belong to this "
                                              "model (or its shapes differ)")
             return cut
-        # isascii: "²".isdigit() is True, but int("²") raises ValueError.
+        # isascii: "²".isdigit() is True, but int("²") raises ValueError. The length check
+        # comes first: int() of 4,301+ digits raises ValueError (CPython's conversion limit),
+        # and no index has more than a few digits anyway.
         if isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit()):
-            index = int(key)
+            index = int(key) if isinstance(key, int) or len(key) <= 9 else -1
             if 0 <= index < len(self._cuts):
                 return self._cuts[index]
         elif key in self._by_name:
             return self._by_name[key]
+        shown = repr(key) if len(str(key)) <= 40 else repr(str(key)[:37] + "...")
         raise UnknownSplitPointError(
-            f"no split point {key!r}; valid: 0..{len(self._cuts) - 1} or a name such as "
+            f"no split point {shown}; valid: 0..{len(self._cuts) - 1} or a name such as "
             f"{', '.join(repr(c.point.name) for c in self._cuts[:3])}")
 
     # -- building halves --------------------------------------------------------------------

@@ -16,10 +16,11 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from shared.errors import ConfigError, ImageError
 
@@ -28,11 +29,14 @@ __all__ = [
     "IMAGENET_PREPROCESSING",
     "IMAGENET_STD",
     "MAX_IMAGE_PIXELS",
+    "UPLOAD_FORMATS",
+    "ImageHeader",
     "Preprocessing",
     "center_crop",
     "encode_jpeg",
     "load_image",
     "preprocess",
+    "read_header",
     "reference_photo",
     "to_tensor",
 ]
@@ -44,6 +48,10 @@ IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 # 50 Mpx is a 8660 x 5773 photo: more than any phone camera gives, and as RGB it decodes to
 # 150 MB. Pillow's own bomb check only warns at 89 Mpx, and warnings are easy to miss.
 MAX_IMAGE_PIXELS = 50_000_000
+
+# The formats /classify declares. Pillow can open ~40; each is attack surface, and EPS hands
+# the file to Ghostscript.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP")
 
 # What Pillow's decoders raise on bad data, besides OSError (which covers UnidentifiedImageError
 # and "image file is truncated"). DecompressionBombWarning is here for runs with warnings as errors.
@@ -91,7 +99,54 @@ class Preprocessing:
 IMAGENET_PREPROCESSING = Preprocessing()
 
 
-def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read before anything is decoded.
+
+    ``decoded_bytes`` is what Pillow allocates to decode it: width x height x bands x bytes per
+    band of the mode it decodes to (a 16-bit RGBA PNG decodes to 8-bit RGBA).
+    """
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    frames: int
+
+    @property
+    def decoded_bytes(self) -> int:
+        mode = ImageMode.getmode(self.mode)
+        return self.width * self.height * len(mode.bands) * int(mode.typestr[-1])
+
+
+def read_header(data: bytes, *, formats: Sequence[str] = UPLOAD_FORMATS,
+                max_decoded_bytes: int | None = None, min_side: int | None = None
+                ) -> ImageHeader:
+    """The header of an image in one of ``formats`` (Pillow's names), without decoding it,
+    sized as ``load_image`` with the same arguments decodes it (a JPEG over the budget at a
+    reduced scale).
+
+    >>> read_header(encode_jpeg(Image.new("RGB", (640, 480)))).decoded_bytes
+    921600
+    """
+    img = _open(data, formats)
+    with img:
+        header = _header(img)
+        if (max_decoded_bytes is not None and min_side is not None
+                and header.decoded_bytes > max_decoded_bytes):
+            _draft(img, min_side)
+            header = _header(img)
+        return header
+
+
+def _header(img: Image.Image) -> ImageHeader:
+    return ImageHeader(img.format or "?", img.width, img.height, img.mode,
+                       getattr(img, "n_frames", 1))
+
+
+def load_image(source: str | os.PathLike[str] | bytes, *,
+               formats: Sequence[str] | None = None, max_decoded_bytes: int | None = None,
+               min_side: int | None = None) -> Image.Image:
     """Decode an image file or its bytes into an upright RGB image.
 
     The pixel count is checked from the header, before anything is decoded. EXIF orientation is
@@ -100,31 +155,80 @@ def load_image(source: str | os.PathLike[str] | bytes) -> Image.Image:
         >>> load_image(encode_jpeg(reference_photo())).mode
         'RGB'
 
-    Raises ``ImageError`` for a missing file, data that isn't an image, a truncated image or one
-    of more than ``MAX_IMAGE_PIXELS`` pixels.
+    For untrusted uploads, ``formats`` restricts the decoders Pillow may use (say
+    ``UPLOAD_FORMATS``: never EPS, which runs Ghostscript), ``max_decoded_bytes`` bounds the
+    memory the decode takes (from the header), and ``min_side`` lets a JPEG too large for that
+    budget decode at a reduced scale (libjpeg's DCT scaling) with its shorter side still at least
+    ``min_side``. Animations are refused: only their first frame would be used.
+
+    Raises ``ImageError`` for a missing file, data that isn't an image (or not in ``formats``),
+    a truncated image, one of more than ``MAX_IMAGE_PIXELS`` pixels or ``max_decoded_bytes``.
     """
     fp: str | os.PathLike[str] | io.BytesIO = (
         io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     )
+    img = _open(fp, formats)
     try:
-        img = Image.open(fp)  # lazy: reads the header only
-    except _DECODE_ERRORS as exc:
-        raise ImageError(f"cannot open image: {exc}") from exc
-    with img:
         width, height = img.size
         if width * height > MAX_IMAGE_PIXELS:
             raise ImageError(
                 f"image is {width}x{height} = {width * height} pixels, "
                 f"more than the limit of {MAX_IMAGE_PIXELS}"
             )
+        if max_decoded_bytes is not None:
+            if getattr(img, "n_frames", 1) > 1:
+                raise ImageError(f"animated {img.format} images are not accepted")
+            header = _header(img)
+            if header.decoded_bytes > max_decoded_bytes and min_side is not None:
+                _draft(img, min_side)
+                header = _header(img)
+            if header.decoded_bytes > max_decoded_bytes:
+                raise ImageError(
+                    f"image {width}x{height} {img.mode} decodes to {header.decoded_bytes} "
+                    f"bytes, more than the limit of {max_decoded_bytes}")
         try:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))  # a new image: closing img is safe
+            # In place: no copy of a large image when (as usual) there is nothing to rotate.
+            ImageOps.exif_transpose(img, in_place=True)
+            out = _to_rgb(img)
         except _DECODE_ERRORS as exc:
             raise ImageError(f"cannot decode {img.format or 'image'} data: {exc}") from exc
+        if out is img and not isinstance(source, bytes | bytearray):
+            out = img.copy()  # detached from the open file, which closes below
+        if out is not img:
+            img.close()
+        return out
+    except BaseException:
+        img.close()
+        raise
+
+
+def _open(fp: str | os.PathLike[str] | io.BytesIO | bytes,
+          formats: Sequence[str] | None) -> Image.Image:
+    if isinstance(fp, bytes | bytearray):
+        fp = io.BytesIO(fp)
+    try:
+        return Image.open(fp, formats=None if formats is None else tuple(formats))  # header only
+    except _DECODE_ERRORS as exc:
+        # Not the exception's text: Pillow's names the file object, with its heap address.
+        what = f"a {', '.join(formats[:-1])} or {formats[-1]} image" if formats else "an image"
+        detail = "" if isinstance(exc, UnidentifiedImageError) else f" ({exc})"
+        if "object at 0x" in detail:
+            detail = ""
+        raise ImageError(f"cannot open image: not {what}{detail}") from None
+
+
+def _draft(img: Image.Image, min_side: int) -> None:
+    # JPEG only (draft is a no-op elsewhere): pick the smallest DCT scale that keeps the
+    # shorter side at least min_side, as the resize that follows needs.
+    width, height = img.size
+    short = max(1, min(width, height))
+    img.draft("RGB", (max(1, width * min_side // short), max(1, height * min_side // short)))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
     # Anything with transparency goes through RGBA: converting a palette image whose
     # transparency is a byte table straight to RGB makes Pillow warn and guess.
     if "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):

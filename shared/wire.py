@@ -27,8 +27,10 @@ tensor key    msgpack type               meaning
 ``data``      bin                        see ``shared.codec`` for what these fields mean
 ============  =========================  =======================================================
 
-``decode`` checks the size before parsing, parses with tight msgpack limits, refuses ext types
-and duplicate keys, and builds validated ``Frame`` and ``EncodedTensor`` objects; it never
+``decode`` checks the size before parsing, parses with tight msgpack limits and a budget of
+``MAX_CONTAINERS`` arrays and maps in all (a frame has at most 66: counted while unpacking, so a
+body of millions of tiny containers stops after the first few hundred), refuses ext types and
+duplicate keys, and builds validated ``Frame`` and ``EncodedTensor`` objects; it never
 decompresses. A server calls ``decode``, then ``check_shapes`` against the split point, and only
 then ``shared.codec.decode_tensor``. Malformed input raises a ``PayloadError`` and nothing else.
 """
@@ -52,6 +54,11 @@ WIRE_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 MAX_TENSORS = 16
 DEFAULT_MAX_FRAME_BYTES = 64 * 2**20
+
+# Arrays and maps in the largest valid frame: the root map, 't', and per tensor its map and the
+# 'shape', 'scale' and 'zp' arrays: 2 + 4 * MAX_TENSORS = 66. Every other object sits in one of
+# them, at most max_array_len each, so this also bounds the scalars and the nesting depth.
+MAX_CONTAINERS = 2 + 4 * MAX_TENSORS
 
 _FRAME_KEYS = frozenset({"v", "model", "fp", "split", "id", "t"})
 _TENSOR_KEYS = frozenset({"shape", "dtype", "q", "scale", "zp", "axis", "codec", "data"})
@@ -151,13 +158,15 @@ def decode(data: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Fr
     size = memoryview(data).nbytes
     if size > max_frame_bytes:
         raise PayloadTooLargeError(f"frame is {size} bytes, limit is {max_frame_bytes}")
+    budget = _ContainerBudget()
     try:
         doc = msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=budget.map,
+            list_hook=budget.array,
             ext_hook=_refuse_ext,
             max_bin_len=max_frame_bytes,
             max_str_len=4096,
@@ -246,12 +255,31 @@ def _check_keys(doc: dict[Any, Any], allowed: frozenset[str], what: str) -> None
         raise WireError(f"{what}: unknown keys {unknown}, missing keys {missing}")
 
 
-def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    # msgpack keeps the last of duplicate keys; two different values for "v" must not pass.
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise WireError("map has duplicate keys")
-    return doc
+class _ContainerBudget:
+    """msgpack hooks, called as each array or map is completed, that stop unpacking at the
+    ``MAX_CONTAINERS + 1``-th one: the cost of a hostile body is bounded by the budget, not by
+    the millions of objects it describes."""
+
+    def __init__(self) -> None:
+        self.left = MAX_CONTAINERS
+
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise WireError(f"frame has more than {MAX_CONTAINERS} arrays and maps; "
+                            "a frame needs at most that many")
+
+    def array(self, items: list[Any]) -> list[Any]:
+        self._spend()
+        return items
+
+    def map(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        self._spend()
+        # msgpack keeps the last of duplicate keys; two different values for "v" must not pass.
+        doc = dict(pairs)
+        if len(doc) != len(pairs):
+            raise WireError("map has duplicate keys")
+        return doc
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Header, Query, Request, Security
+from pydantic import ValidationError
 
 from cloud_server.errors import status_for
 from cloud_server.middleware import bearer
@@ -100,22 +101,39 @@ async def classify(model: str, request: Request, service: ServiceDep, top_k: Top
         body = await request.body()
         service.metrics.received_bytes.labels(**labels).inc(len(body))
         started = time.perf_counter()
-        x = await asyncio.to_thread(runtime.decode_image, body)
+        limit = service.settings.max_image_bytes
+        header = await asyncio.to_thread(runtime.image_header, body, max_decoded_bytes=limit)
+        # Checked again by the decoder; here it sizes the reservation, so a burst of large
+        # images decodes a few at a time rather than all at once.
+        async with service.image_budget.reserve(min(header.decoded_bytes, limit)):
+            x = await asyncio.to_thread(runtime.decode_image, body, max_decoded_bytes=limit)
         decode_ms = (time.perf_counter() - started) * 1e3
         return await _answer(service, runtime, WHOLE_MODEL, (x,), decode_ms, x_request_id or "",
                              top_k, timeout_ms)
 
 
-@router.post("/v2/models/{model}/infer", response_model=OipResponse, responses=_ERRORS)
-async def infer_oip(model: str, request: OipRequest, service: ServiceDep,
+@router.post("/v2/models/{model}/infer", response_model=OipResponse, responses=_ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/OipRequest"}}}}})
+async def infer_oip(model: str, request: Request, service: ServiceDep,
                     timeout_ms: TimeoutMs = None) -> OipResponse:
     """Open Inference Protocol: the whole model on one FP32 input tensor, logits out."""
     with _track(service) as labels:
         runtime = service.runtime(model)
         labels.update(model=model, split=WHOLE_MODEL)
+        if "content-type" in request.headers:  # FastAPI took a JSON body without one too
+            _require_type(request, ("application/json",))
+        service.admit()
+        # Read here, not by FastAPI: the body limit's 408 and 413 then reach the client as such
+        # (FastAPI turns any error while reading a declared body into a 400), and the JSON is
+        # sized up before it is parsed, and parsed off the event loop.
+        body = await request.body()
+        service.metrics.received_bytes.labels(**labels).inc(len(body))
         started = time.perf_counter()
-        x = await asyncio.to_thread(_oip_input, request.inputs[0], runtime,
-                                    service.settings.max_request_batch)
+        settings = service.settings
+        oip = await asyncio.to_thread(_parse_oip, body, runtime, settings.max_request_batch)
+        x = await asyncio.to_thread(_oip_input, oip.inputs[0], runtime,
+                                    settings.max_request_batch)
         decode_ms = (time.perf_counter() - started) * 1e3
         result = await service.submit(runtime, WHOLE_MODEL, (x,),
                                       timeout_s=_timeout_s(service, timeout_ms))
@@ -123,7 +141,7 @@ async def infer_oip(model: str, request: OipRequest, service: ServiceDep,
         runtime.observe(WHOLE_MODEL, decode_ms + result.compute_ms / result.batch_size)
         logits = result.output.float()
         return OipResponse(
-            model_name=runtime.name, model_version=runtime.fingerprint, id=request.id or "",
+            model_name=runtime.name, model_version=runtime.fingerprint, id=oip.id or "",
             outputs=[OipTensor(name="logits", shape=list(logits.shape), datatype="FP32",
                                data=logits.flatten().tolist())])
 
@@ -181,6 +199,36 @@ def _require_type(request: Request, allowed: tuple[str, ...]) -> None:
     if got not in allowed:
         raise UnsupportedMediaTypeError(
             f"Content-Type must be {' or '.join(allowed)}, got {got or 'none'!r}")
+
+
+# Brackets and commas the JSON around the tensor may spend: the envelope, names, parameters.
+_JSON_ENVELOPE = 1024
+
+
+def _parse_oip(body: bytes, runtime: ModelRuntime, max_batch: int) -> OipRequest:
+    """Validate an OIP JSON body, after bounding its arrays and values by what the largest
+    valid input needs: a body of millions of ``[]`` is refused before the parser builds them.
+    Counting bytes overcounts (brackets in strings), which only makes the bound stricter."""
+    dims = list(runtime.spec.input_shape[1:])
+    arrays, size = 1, max_batch  # nested data [N][C][H][W]: 1 + N + N*C + N*C*H arrays
+    for d in dims[:-1]:
+        arrays += size
+        size *= d
+    arrays += size
+    values = max_batch * math.prod(dims)
+    if body.count(b"[") > arrays + _JSON_ENVELOPE:
+        raise PayloadError(f"JSON body has more arrays than an input of at most {max_batch} "
+                           f"samples needs ({arrays})")
+    if body.count(b",") > values + arrays + _JSON_ENVELOPE:
+        raise PayloadError(f"JSON body has more values than an input of at most {max_batch} "
+                           f"samples needs ({values})")
+    try:
+        return OipRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        reason = errors[0]["msg"] if errors else "invalid"
+        raise PayloadError(f"invalid request: {where or 'body'}: {reason}") from None
 
 
 def _oip_input(tensor: OipTensor, runtime: ModelRuntime, max_batch: int) -> torch.Tensor:

@@ -19,11 +19,13 @@ from shared.preprocess import (
     IMAGENET_PREPROCESSING,
     IMAGENET_STD,
     MAX_IMAGE_PIXELS,
+    UPLOAD_FORMATS,
     Preprocessing,
     center_crop,
     encode_jpeg,
     load_image,
     preprocess,
+    read_header,
     to_tensor,
 )
 
@@ -255,3 +257,32 @@ def test_lower_quality_gives_fewer_bytes() -> None:
 def test_encode_jpeg_rejects_bad_quality(quality: int) -> None:
     with pytest.raises(ConfigError):
         encode_jpeg(_gradient(8, 8), quality=quality)
+
+
+def _encoded(fmt: str, size: tuple[int, int] = (32, 32), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "ICO", "TGA", "QOI", "JPEG2000", "EPS"])
+def test_uploads_are_limited_to_the_declared_formats(fmt: str) -> None:
+    data = _encoded(fmt)
+    with pytest.raises(ImageError, match="not a JPEG, PNG or WEBP image") as info:
+        load_image(data, formats=UPLOAD_FORMATS)
+    assert "0x" not in str(info.value)
+
+
+def test_the_decoded_size_is_checked_from_the_header() -> None:
+    png = _encoded("PNG", (1000, 1000), "RGBA")
+    assert read_header(png).decoded_bytes == 4_000_000
+    with pytest.raises(ImageError, match="decodes to 4000000 bytes"):
+        load_image(png, formats=UPLOAD_FORMATS, max_decoded_bytes=3_999_999)
+    assert load_image(png, formats=UPLOAD_FORMATS, max_decoded_bytes=4_000_000).mode == "RGB"
+
+
+def test_a_jpeg_over_the_budget_decodes_at_a_reduced_scale() -> None:
+    jpeg = encode_jpeg(Image.new("RGB", (4000, 3000)))
+    img = load_image(jpeg, formats=UPLOAD_FORMATS, max_decoded_bytes=2**20, min_side=256)
+    assert img.size == (500, 375)  # 1/8: the smallest scale keeping the short side >= 256
+    assert read_header(jpeg, max_decoded_bytes=2**20, min_side=256).width == 500

@@ -467,3 +467,20 @@ def test_check_shapes_max_batch() -> None:
         check_shapes(frame, [TensorSpec((1, 17), "float32")])
     with pytest.raises(ShapeMismatchError):
         check_shapes(frame, [TensorSpec((1, 16), "float32")], max_batch=7)
+
+
+def _many_containers(item: bytes, rows: int = 512, inner: int = 2044) -> bytes:
+    row = b"\xdd" + inner.to_bytes(4, "big") + item * inner
+    return b"\xdd" + rows.to_bytes(4, "big") + row * rows
+
+
+@pytest.mark.parametrize("item", [b"\x80", b"\x90"], ids=["empty_maps", "empty_arrays"])
+def test_decode_stops_at_the_container_budget(item: bytes) -> None:
+    """A million tiny containers (issue 12): refused after the first few dozen, not unpacked."""
+    with pytest.raises(WireError, match="arrays and maps"):
+        decode(_many_containers(item))
+
+
+def test_the_largest_valid_frame_fits_the_container_budget() -> None:
+    tensors = tuple(et((1, 4, 8, 8)) for _ in range(16))
+    assert len(decode(encode(Frame(MODEL, FP, SPLIT, RID, tensors))).tensors) == 16
