@@ -90,7 +90,8 @@ def extract(extractor: onnx_utils.Extractor, inputs: list[str], outputs: list[st
     return model
 
 
-def _probe_module(part: Partitioner) -> tuple[fx.GraphModule, list[str], tuple[tuple[str, ...], ...]]:
+def _probe_module(part: Partitioner
+                  ) -> tuple[fx.GraphModule, list[str], tuple[tuple[str, ...], ...]]:
     gm = part.graph_module
     by_name = {node.name: node for node in gm.graph.nodes}
     order: list[fx.Node] = []  # every crossing node once, in first-crossing order

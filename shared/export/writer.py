@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from shared.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_bundle
-from shared.errors import ConfigError, ExportError, ImageError
+from shared.errors import ConfigError, ImageError
 from shared.export.check import Checker
 from shared.export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, export_probe, extract
 from shared.export.quantize import quantize
@@ -118,15 +118,15 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
         return save(int8, file_name)
 
     full_graph = extract(extractor, [INPUT_NAME], [OUTPUT_NAME])
-    full = {}
+    full: dict[str, str] = {}
     if calib:
         full["int8"] = save_int8(full_graph, "full.int8.onnx")
     full["fp32"] = save(full_graph, "full.onnx")
-    points = []
+    points: list[dict[str, Any]] = []
     for point, names in zip(probe.points, probe.crossing, strict=True):
         stem = f"{point.index:03d}"
         head_graph = extract(extractor, [INPUT_NAME], list(names))
-        head = {}
+        head: dict[str, str] = {}
         if calib:
             head["int8"] = save_int8(head_graph, f"head_{stem}.int8.onnx")
         head["fp32"] = save(head_graph, f"head_{stem}.onnx")
@@ -143,9 +143,9 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
         checker.full(file_name, int8=precision == "int8")
     for entry, point in zip(points, part.points, strict=True):
         head_module, _ = part.split(point)
-        names = [t["name"] for t in entry["tensors"]]
+        tensor_names = [t["name"] for t in entry["tensors"]]
         for precision, file_name in entry["head"].items():
-            checker.head_tail(file_name, entry["tail"], head_module, names,
+            checker.head_tail(file_name, entry["tail"], head_module, tensor_names,
                               int8=precision == "int8")
 
     labels = imagenet_labels() if num_classes == 1000 else tuple(
