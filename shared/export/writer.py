@@ -103,9 +103,7 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
     probe = export_probe(part, example)
     extractor = probe.extractor()
     store = SharedWeights(staging / WEIGHTS_NAME)
-    # Each photo and its mirror image: twice the ranges seen, for no extra files.
-    calib = [preprocess(img, pre).numpy()
-             for im in images for img in (im, ImageOps.mirror(im))]
+    calib = [preprocess(view, pre).numpy() for im in images for view in _views(im)]
 
     def save(graph: onnx.ModelProto, file_name: str) -> str:
         store.externalize(graph)
@@ -164,6 +162,19 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
         "input": {"name": INPUT_NAME, "shape": list(example.shape), "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": [1, num_classes], "dtype": "float32"},
         "full": full, "split_points": points, "weights": WEIGHTS_NAME, "files": files, **extra}
+
+
+def _views(img: Image.Image) -> list[Image.Image]:
+    """The image, its mirror and its four corners at 80% of each side.
+
+    A handful of photos calibrated as they are gives ranges too narrow for the next photo; on
+    the sample photos, corner crops turned a flipped top-1 (chelsea: 0.11 logits between the
+    two cat classes) back into agreement with float32.
+    """
+    w, h = img.size
+    cw, ch = max(1, int(w * 0.8)), max(1, int(h * 0.8))
+    corners = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]
+    return [img, ImageOps.mirror(img), *(img.crop((x, y, x + cw, y + ch)) for x, y in corners)]
 
 
 def _replace(staging: Path, out: Path) -> None:
