@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from bench import fidelity, latency, reliability, service
+from bench import fidelity, latency, reliability, runtime, service
 from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, ModuleType] = {
     "fidelity": fidelity,
     "latency": latency,
     "reliability": reliability,
+    "runtime": runtime,
     "service": service,
 }
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from shared.errors import ConfigError
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "shipped_photos"]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calibration is not None and not args.int8:
         raise ConfigError("--calibration only applies with --int8")
-    images = (calibration_images(args.calibration) if args.calibration else _shipped_photos()
+    images = (calibration_images(args.calibration) if args.calibration else shipped_photos()
               ) if args.int8 else None
     started = time.perf_counter()
     out = export_bundle(args.model, args.out, weights=args.weights, int8=args.int8,
@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shipped_photos() -> list[Image.Image]:
+def shipped_photos() -> list[Image.Image]:
+    """The default calibration set: scikit-image's sample photos (when installed) and the
+    reference photo in the wheel."""
     from device_client.samples import sample_photos
     from shared.preprocess import reference_photo
 
