@@ -56,6 +56,8 @@ class OnnxDeviceRuntime:
         self.name = manifest.model
         self.fingerprint = manifest.fingerprint
         self.labels = manifest.labels
+        # What DeviceRuntime.spec.preprocessing is; shared.preprocess_numpy.to_array takes it.
+        self.preprocessing = manifest.preprocessing
         self.input_shape = manifest.input.shape
         self._input = manifest.input.name
         self._output = manifest.output.name
