@@ -8,6 +8,7 @@ disagrees with torch is never left behind, not even in part.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -61,7 +62,10 @@ def export_bundle(model: str, out: str | os.PathLike[str], *, weights: Weights |
     spec = get_spec(model)
     torch_model = get_model(model, weights=weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    # Not mkdtemp: its 0700 would become the bundle's mode; a bundle is as readable as the
+    # user's umask makes any other directory.
+    staging = out.parent / f".{out.name}.export-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         manifest = _build(staging, model, torch_model, spec.preprocessing, spec.num_classes,
                           images)
