@@ -80,7 +80,8 @@ class Checker:
             top1 = int(logits.argmax())
             if top1 != self.top1:
                 raise ExportError(f"{what} (int8) answers class {top1} where torch answers "
-                                  f"{self.top1}; no bundle written")
+                                  f"{self.top1}; no bundle written (calibrate on photos like "
+                                  "the model's with --calibration, or export without --int8)")
             return
         ok, diff = close_enough(logits, self.logits)
         if not ok:

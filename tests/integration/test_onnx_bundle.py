@@ -3,6 +3,7 @@ device against the torch device on the sample photos."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -137,7 +138,12 @@ def test_the_onnx_device_runs_without_torch(bundle_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_a_missing_precision_says_what_to_do(bundle_dir: Path, tmp_path: Path) -> None:
+def test_a_missing_precision_or_bad_threads_say_what_to_do(bundle_dir: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    fp32_only = dataclasses.replace(bundle, manifest=dataclasses.replace(
+        bundle.manifest, full={"fp32": bundle.full["fp32"]}))
+    with pytest.raises(ConfigError, match="export it with --int8"):
+        OnnxDeviceRuntime(fp32_only, precision="int8")
     with pytest.raises(ConfigError, match="threads"):
         OnnxDeviceRuntime(bundle_dir, threads=0)
 
@@ -159,3 +165,21 @@ def test_export_usage_errors_are_one_line(tmp_path: Path, args: list[str]) -> No
     done = _cli("export", "--model", MODEL, "--out", str(tmp_path), *args)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("device_client: error: ")
+
+
+def test_export_of_a_users_checkpoint(tmp_path: Path) -> None:
+    from shared.models import fingerprint, get_model
+
+    model = get_model("resnet18", weights="random", seed=5)
+    checkpoint = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / "r18"
+    done = _cli("export", "--model", "resnet18", "--weights", str(checkpoint), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    bundle = load_bundle(out, model="resnet18", fingerprint=fingerprint(model))
+    rt = OnnxDeviceRuntime(bundle)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        want = model(x).numpy()
+    ok, diff = check.close_enough(rt.run_full(x.numpy()), want)
+    assert ok, diff
