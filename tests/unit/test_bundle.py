@@ -133,6 +133,7 @@ def test_garbage_is_a_bundle_error(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(BundleError, match="not JSON"):
         load_bundle(tmp_path)
+    garbage: object
     for garbage in ([], "x", {"format_version": 1}):
         with pytest.raises(BundleError):
             parse_manifest(garbage)
