@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from bench import fidelity, latency, reliability, service
+from bench import fidelity, latency, reliability, runtime, service
 from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
@@ -37,6 +37,7 @@ SUBCOMMANDS: dict[str, ModuleType] = {
     "fidelity": fidelity,
     "latency": latency,
     "reliability": reliability,
+    "runtime": runtime,
     "service": service,
 }
 

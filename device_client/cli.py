@@ -18,6 +18,8 @@ import torch
 
 from device_client.auto import AutoSplit
 from device_client.client import API_KEY_ENV, ServiceClient, tls_verify
+from device_client.export_cmd import add_parser as add_export_parser
+from device_client.export_cmd import run as run_export
 from device_client.pipeline import Device
 from device_client.plan_cmd import device_profile, run_plan, run_profile
 from device_client.results import InferenceResult
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "sample photos, split and unsplit")
     demo.add_argument("--model", default=DEFAULT_MODEL)
     demo.add_argument("--split", default=None, help="split point (default: a middle one)")
+    add_export_parser(sub, default_model=DEFAULT_MODEL)
     return p
 
 
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from device_client.demo import run_demo
 
             return run_demo(model=args.model, split=args.split)
+        if args.command == "export":
+            return run_export(args)
         if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
             torch.set_num_threads(cpu_limit())  # the board's share of CPU, not every core seen
         runtime = DeviceRuntime(args.model, weights=args.weights)

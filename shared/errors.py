@@ -26,6 +26,11 @@ in one exception handler; the device CLI turns each into a one-line message.
     ├── OverloadedError              queue full; retry later             (HTTP 503)
     │   └── NotReadyError            still loading models                (HTTP 503)
     ├── DeadlineExceededError        the request's deadline passed       (HTTP 504)
+    ├── BundleError                  an exported ONNX bundle is unusable
+    │   ├── BundleIntegrityError     a file is missing, or its sha256 differs
+    │   ├── BundleVersionError       written by a bundle format this side does not read
+    │   ├── BundleMismatchError      for another model, or other weights
+    │   └── ExportError              exported graphs disagree with torch: nothing written
     └── ClientError                  raised by the device client only
         ├── ServiceUnavailableError  connect error, timeout, 5xx, 503 or a body that is not
         │                            JSON: the device may fall back
@@ -39,11 +44,16 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "BundleError",
+    "BundleIntegrityError",
+    "BundleMismatchError",
+    "BundleVersionError",
     "ClientError",
     "CodecError",
     "ConfigError",
     "DeadlineExceededError",
     "DuplicateModelError",
+    "ExportError",
     "FingerprintMismatchError",
     "ImageError",
     "ModelError",
@@ -188,3 +198,23 @@ class ServiceError(ClientError):
     wrongly-typed field. The message names the field. ``--server`` points at something that is
     not a splitserve service, or at another version of it: a configuration error, so the device
     does not fall back and hide it."""
+
+
+class BundleError(SplitServeError):
+    """An ONNX bundle (``shared.bundle``) cannot be used: its manifest is malformed."""
+
+
+class BundleIntegrityError(BundleError):
+    """A file the manifest lists is missing, or its sha256 is not the one recorded."""
+
+
+class BundleVersionError(BundleError):
+    """The manifest was written by a bundle format version this side does not read."""
+
+
+class BundleMismatchError(BundleError):
+    """The bundle is for another model, or was exported from other weights."""
+
+
+class ExportError(BundleError):
+    """An exported graph disagrees with torch, so the bundle was not written."""
