@@ -161,6 +161,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5,
         help="the service's own start-up timing runs per split point (default 5)",
     )
+    p.add_argument(
+        "--seed",
+        type=cliargs.integer(at_least=0),
+        default=0,
+        help="seeds the order the candidates run in for each photo (default 0)",
+    )
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -189,6 +195,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         profile_repeats=args.profile_repeats,
         server_profile_repeats=args.server_profile_repeats,
         out=args.out,
+        seed=args.seed,
     )
 
 
@@ -203,7 +210,7 @@ def _command(c: RunConfig) -> str:
         f"--warmup {c.warmup} "
         f"--auto-warmup {c.auto_warmup} --drop {drop} --drop-before {c.drop_before} "
         f"--drop-after {c.drop_after} --profile-repeats {c.profile_repeats} "
-        f"--server-profile-repeats {c.server_profile_repeats} --out {c.out}"
+        f"--server-profile-repeats {c.server_profile_repeats} --seed {c.seed} --out {c.out}"
     )
 
 
@@ -233,7 +240,11 @@ def run(args: argparse.Namespace) -> int:
     paths = latency_report.write_outputs(summary, raw, args.out)
     report.print_table(
         f"{config.model}: end-to-end ms on a device with "
-        + (f"{config.device_cpu:g} of a core" if summary["device_cpu_limited"] else "FULL CPU"),
+        + (
+            f"{config.device_cpu:g} of a core, {summary.get('cpu_limit_interface')}"
+            if summary["device_cpu_limited"]
+            else "FULL CPU"
+        ),
         latency_report.HEADERS,
         latency_report.table_rows(summary),
         align=latency_report.ALIGN,

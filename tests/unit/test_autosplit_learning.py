@@ -113,7 +113,9 @@ def test_an_expired_service_profile_is_refreshed_in_the_background() -> None:
             clock.now = 31.0
             plan = await auto.plan()
             assert plan.estimate("mid").server_ms == 20.0  # planned at once with what it had
-            await asyncio.sleep(0.01)  # the refresh lands in the background
+            assert len(gets) == 1  # and nothing started on this request's path
+            auto.observe(_result("mid", 50.0, 2.0, sent=10_000))  # the request is over
+            await auto.settle()  # the refresh lands in the background
             assert len(gets) == 2
             assert (await auto.plan()).estimate("mid").server_ms == 25.0
 
@@ -135,9 +137,29 @@ def test_after_a_failure_the_service_profile_is_fetched_before_planning() -> Non
             # A background refresh that fails is not trusted either: the next plan refetches.
             clock.now, fail[0] = 100.0, True
             await auto.plan()
-            await asyncio.sleep(0.01)
+            auto.observe(_result("mid", 50.0, 2.0, sent=10_000))
+            await auto.settle()
             fail[0] = False
             await auto.plan()
             assert len(gets) == 4
+
+    asyncio.run(run())
+
+
+def test_an_unchanged_situation_reuses_the_plan() -> None:
+    server_ms, gets, fail, clock = [20.0], [], [False], _Clock()
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test",
+                                 transport=_metadata_service(server_ms, gets, fail)) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock)
+            await auto.plan()  # no current choice yet
+            first = await auto.plan()
+            assert await auto.plan() is first  # same profiles, link and choice: no new costing
+            assert auto.last_link is not None
+            auto.observe(_result(DEVICE, 200.0))  # the device got slower: cost it again
+            again = await auto.plan()
+            assert again is not first
+            assert again.estimate(DEVICE).head_ms > first.estimate(DEVICE).head_ms
 
     asyncio.run(run())
