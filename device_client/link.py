@@ -115,6 +115,9 @@ class LinkEstimator:
         self._surprises: list[_Sample] = []
         self.changes = 0  # link changes detected, for diagnostics
         self.probe_failed = False  # set by the caller when a probe timed out
+        # estimate() runs before every request: cached until a sample arrives or one ages out
+        # (~40 us of medians, ~0.2 ms of latency at 20 % of a core).
+        self._cached: tuple[float, LinkEstimate | None] | None = None  # (valid until, estimate)
 
     def observe(
         self, payload_bytes: int, round_trip_ms: float, server_ms: float, *, probe: bool = False
@@ -136,6 +139,7 @@ class LinkEstimator:
             payload_bytes + HTTP_OVERHEAD_BYTES, round_trip_ms - server_ms, self._clock(), probe
         )
         self._surprises = [*self._surprises, sample] if self._surprising(sample) else []
+        self._cached = None  # after _surprising(), which asked for the estimate before it
         if len(self._surprises) >= _CHANGE_RUN:
             kept, self._surprises = self._surprises, []
             self._small.clear()
@@ -158,7 +162,17 @@ class LinkEstimator:
 
     def estimate(self) -> LinkEstimate | None:
         """The current estimate, or None without recent data to tell RTT from bandwidth."""
-        return self._estimate(self.max_age_s, self.rtt_max_age_s)
+        now = self._clock()
+        if self._cached is not None and now < self._cached[0]:
+            return self._cached[1]
+        estimate = self._estimate(self.max_age_s, self.rtt_max_age_s)
+        # Valid until the first sample it could have used ages out (nothing else changes it
+        # without a new sample, which clears the cache).
+        expiries = [s.t + self.max_age_s for s in self._large if now - s.t <= self.max_age_s]
+        expiries += [s.t + self.rtt_max_age_s for s in self._small
+                     if now - s.t <= self.rtt_max_age_s]
+        self._cached = (min(expiries, default=math.inf), estimate)
+        return estimate
 
     def last_estimate(self) -> LinkEstimate | None:
         """The estimate from every sample kept, however old: for sizing probes, or for planning

@@ -163,3 +163,33 @@ def test_an_unchanged_situation_reuses_the_plan() -> None:
             assert again.estimate(DEVICE).head_ms > first.estimate(DEVICE).head_ms
 
     asyncio.run(run())
+
+
+def test_the_next_plan_is_costed_ahead_not_on_the_requests_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import device_client.auto as auto_module
+
+    costed: list[str] = []
+    real_choose = auto_module.choose
+
+    def counting_choose(*args: object, **kwargs: object) -> object:
+        costed.append("x")
+        return real_choose(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auto_module, "choose", counting_choose)
+    server_ms, gets, fail, clock = [20.0], [], [False], _Clock()
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test",
+                                 transport=_metadata_service(server_ms, gets, fail)) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock)
+            await auto.plan()
+            await auto.plan()
+            auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))  # new link sample, new speed
+            await auto.settle()  # the idle time after a photo
+            before = len(costed)
+            await auto.plan()
+            assert len(costed) == before  # found ready
+
+    asyncio.run(run())
