@@ -142,6 +142,20 @@ def parse_cpu_stat(text: str) -> dict[str, int]:
     return out
 
 
+def _v2_parent(own: Path, root: Path) -> Path:
+    """Where a v2 group can get the cpu controller: under our own group if it can hand the
+    controller down, else under the root (exempt from the "no internal processes" rule; a
+    systemd session's own group holds processes, so it cannot)."""
+    reasons = []
+    for parent in dict.fromkeys((own, root)):
+        try:
+            _enable_cpu_controller(parent)
+            return parent
+        except CpuLimitUnavailable as exc:
+            reasons.append(str(exc))
+    raise CpuLimitUnavailable("; ".join(reasons))
+
+
 def _enable_cpu_controller(parent: Path) -> None:
     """v2 hands a controller to a group's children only when the group lists it in
     ``cgroup.subtree_control``; the kernel refuses while the group itself holds processes
@@ -203,9 +217,9 @@ class CpuLimit:
         if where is None:
             raise CpuLimitUnavailable("no cpu controller is mounted (neither cgroup v1 nor v2)")
         parent = where.mount / where.own.lstrip("/")
-        path = parent / f"{PREFIX}{os.getpid()}{suffix}"
         if where.version == 2:
-            _enable_cpu_controller(parent)
+            parent = _v2_parent(parent, where.mount)
+        path = parent / f"{PREFIX}{os.getpid()}{suffix}"
         try:
             path.mkdir(exist_ok=True)
         except OSError as exc:

@@ -11,8 +11,11 @@ The device is a separate process on the other core, limited by a cgroup to ``--d
 it (0.2: about a Raspberry Pi 4 core; ``bench.cpulimit``), where it measures its own profile and
 runs the real device client (``bench.device_worker``).
 
-For each link: ``device``, ``cloud``, every split point and ``auto`` on the same images; p50 and
-p95 of the device-measured total latency. The oracle is the fixed candidate with the lowest p50.
+For each link: ``device``, ``cloud``, every split point and ``auto`` on the same images, in a
+random order per image (``--seed``); p50 and p95 of the device-measured total latency. The
+oracle is the fixed candidate with the lowest p50. ``auto`` is compared with the oracle and with
+the fixed run of the candidate it chose (``auto/chosen``: what auto itself adds), and its own
+prediction for its choice is set against what it measured (``predicted (err)``).
 Then the drop: ``auto`` runs on ``wifi``, the link turns into ``3g`` mid-run, and the trace shows
 how many requests ``auto`` needs to move. Writes ``latency.json``, ``latency.md``,
 ``latency.png`` and ``latency_raw.json`` (every inference) to ``--out``.

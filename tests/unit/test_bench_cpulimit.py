@@ -181,3 +181,14 @@ def test_cpu_stat_reads_alike_on_v1_and_v2() -> None:
     v1 = parse_cpu_stat("nr_periods 10\nnr_throttled 3\nthrottled_time 7000\n")
     v2 = parse_cpu_stat("nr_periods 10\nnr_throttled 3\nthrottled_usec 7\n")
     assert v1["throttled_time"] == v2["throttled_time"] == 7000
+
+
+def test_a_v2_group_that_cannot_hand_down_cpu_falls_back_to_the_root(tmp_path: Path) -> None:
+    where = _fake_v2(tmp_path)
+    control = tmp_path / "cgroup" / "box" / "cgroup.subtree_control"
+    control.unlink()
+    control.mkdir()  # writing it fails, as the kernel's EBUSY would
+    (tmp_path / "cgroup" / "cgroup.subtree_control").write_text("\n")
+    limit = CpuLimit.create(0.5, cgroup=where)
+    assert limit.path.parent == tmp_path / "cgroup"
+    assert (limit.path / "cpu.max").read_text() == "5000 10000"
