@@ -12,9 +12,11 @@ RTT and a few KB (0.2 s on 3G) and must not sit on a request's path every half m
 refetch starts in ``observe``, once an inference is over, not in ``plan``: started there it ran
 during the request it was planned for, and its JSON parsing (~2 ms of CPU, 10 ms at 20 % of a
 core) landed in that request's latency. ``settle()`` waits for it, for callers that want the
-device idle before the next photo. The link
-comes from the estimator, which learns from every request and probes the service when it has
-nothing recent.
+device idle before the next photo. The link comes from the estimator, which learns from every
+request and probes the service when it has nothing recent. While auto runs on the device it
+sends nothing, so every ``reprobe_s`` it re-probes, also from ``observe``: a request that
+arrives while that probe is out waits for it, since the head holds the event loop and a probe
+running under it would time the head, not the link.
 The planner's hysteresis keeps the choice from flapping between near-equal candidates.
 
 ``plan()`` runs just before the chosen candidate, so on a CPU-limited device its own CPU comes
@@ -83,6 +85,7 @@ class AutoSplit:
         self._device_view: DeviceProfile | None = None  # device_profile(), until observe()
         self._plan_key: tuple[object, ...] | None = None
         self._ahead: asyncio.Handle | None = None  # a _plan_ahead() waiting for an idle loop
+        self._probing: asyncio.Task[LinkEstimate | None] | None = None  # a re-probe, idle time
 
     async def plan(self) -> Plan:
         """Choose a candidate now. Never raises for an unreachable service: it plans `device`."""
@@ -112,13 +115,14 @@ class AutoSplit:
             self._costed(self._server, link)
 
     async def settle(self) -> None:
-        """Finish background work (planning ahead, a metadata refetch) now: for a caller about
-        to go idle, so that the work is not left to share the CPU with the next request."""
+        """Finish background work (planning ahead, a metadata refetch, a re-probe) now: for a
+        caller about to go idle, so that it does not share the CPU with the next request."""
         if self._ahead is not None:
             self._ahead.cancel()
             self._plan_ahead()
-        if self._refresh is not None:
-            await asyncio.gather(self._refresh, return_exceptions=True)
+        for task in (self._refresh, self._probing):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
 
     def device_profile(self) -> DeviceProfile:
         """The profile as the planner sees it now: device times scaled by ``speed``, payloads
@@ -146,6 +150,10 @@ class AutoSplit:
                 and self._clock() - self._server_at > self._ttl_s):
             self._refresh = asyncio.create_task(self._fetch_server())
             self._refresh.add_done_callback(self._refreshed)
+        if (self.current == DEVICE and self._server is not None and self._probing is None
+                and self.estimator.estimate() is None and self._reprobe_due()):
+            self._probing = asyncio.create_task(self._probe())
+            self._probing.add_done_callback(self._probed)
 
     def _observe(self, result: InferenceResult) -> None:
         if result.fallback is not None:
@@ -191,24 +199,40 @@ class AutoSplit:
             self._server = None  # the next plan fetches in the open, and raises what is wrong
 
     async def _link(self) -> LinkEstimate | None:
+        if self._probing is not None:
+            # A re-probe started in the idle time is still out: wait for it rather than run a
+            # head under it (the head holds the loop, and the probe would time the head).
+            await asyncio.gather(self._probing, return_exceptions=True)
         link = self.estimator.estimate()
         if link is None:
             # Running on the device sends nothing, so the estimate ages out every max_age_s and
-            # each expiry would cost a probe (~1 s on 3G). While on the device, plan with the
-            # last estimate and re-probe only every reprobe_s.
+            # each expiry would cost a probe (~1 s on 3G) on the request's path. While on the
+            # device, plan with the last estimate: observe() re-probes every reprobe_s, after
+            # a request.
             stale = self.estimator.last_estimate()
-            if (stale is not None and self.current == DEVICE
-                    and self._clock() - self._probed_at < self._reprobe_s):
+            if stale is not None and self.current == DEVICE:
                 return stale
-            self._probed_at = self._clock()
-            try:
-                link = await asyncio.wait_for(
-                    probe(self.client, self.profile.model, self.estimator), self._timeout_s)
-            except (ServiceUnavailableError, TimeoutError):
-                self.estimator.probe_failed = True  # next time, a probe that fits
-                return None
-            self.estimator.probe_failed = link is None
+            link = await self._probe()
         return link
+
+    def _reprobe_due(self) -> bool:
+        return self._clock() - self._probed_at >= self._reprobe_s
+
+    async def _probe(self) -> LinkEstimate | None:
+        self._probed_at = self._clock()
+        try:
+            link = await asyncio.wait_for(
+                probe(self.client, self.profile.model, self.estimator), self._timeout_s)
+        except (ServiceUnavailableError, TimeoutError):
+            self.estimator.probe_failed = True  # next time, a probe that fits
+            return None
+        self.estimator.probe_failed = link is None
+        return link
+
+    def _probed(self, task: asyncio.Task[LinkEstimate | None]) -> None:
+        self._probing = None
+        if not task.cancelled():
+            task.exception()  # retrieved: _probe() already turned failures into None
 
 
 def _same_inputs(key: tuple[object, ...], old: tuple[object, ...] | None) -> bool:

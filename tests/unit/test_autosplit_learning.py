@@ -193,3 +193,35 @@ def test_the_next_plan_is_costed_ahead_not_on_the_requests_path(
             assert len(costed) == before  # found ready
 
     asyncio.run(run())
+
+
+def test_on_the_device_the_reprobe_happens_after_a_request_not_on_its_path() -> None:
+    probes: list[int] = []
+    clock = _Clock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/probe"):
+            probes.append(len(request.content))
+            return httpx.Response(200, json={"received_bytes": len(request.content),
+                                             "server_ms": 0.0})
+        # A slow service on a fast device: the device wins every plan.
+        return httpx.Response(200, json={"server_ms": 900.0, "queue_ms": 0.0, "split_points": [
+            {"name": "early", "server_ms": 900.0}, {"name": "mid", "server_ms": 900.0}]})
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test", transport=httpx.MockTransport(handler)
+                                 ) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock, reprobe_s=300.0)
+            assert (await auto.plan()).chosen == DEVICE
+            first = len(probes)
+            assert first == 4  # the first plan had nothing: it probed on the spot
+            clock.now = 400.0  # estimates aged out, re-probe due
+            assert (await auto.plan()).chosen == DEVICE  # still plans at once, from the stale
+            assert len(probes) == first
+            auto.observe(_result(DEVICE, 100.0))  # the request is over: probe now
+            await auto.settle()
+            assert len(probes) == 2 * first
+            await auto.plan()
+            assert len(probes) == 2 * first
+
+    asyncio.run(run())
