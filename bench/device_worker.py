@@ -95,7 +95,7 @@ class WorkerHandle:
         keeps one ``Device`` per candidate; ``fresh`` starts ``auto`` over (a new estimator)."""
         cmd = {"cmd": "run", "split": split, "images": list(images), "warmup": list(warmup)}
         await self.send({**cmd, "fresh": fresh})
-        results = []
+        results: list[dict[str, Any]] = []
         while True:
             msg = await self.event()
             if msg["event"] == "done":
