@@ -1,11 +1,13 @@
-"""A phone-class CPU for the device process: a cgroup v1 CPU quota, plus core pinning.
+"""A phone-class CPU for the device process: a cgroup CPU quota (v1 or v2), plus core pinning.
 
     >>> limit = CpuLimit.create(0.2)            # or raises CpuLimitUnavailable with the reason
     >>> limit.add(worker_pid)                   # the worker now gets 20 % of one core
     >>> limit.remove()                          # at exit (after the worker has exited)
 
 The group is ``<cpu controller mount>/<our own cpu cgroup>/splitserve-bench-<pid>`` with
-``cpu.cfs_quota_us = fraction * cpu.cfs_period_us``. A quota is a duty cycle, not a slower CPU:
+``cpu.cfs_quota_us = fraction * cpu.cfs_period_us`` on cgroup v1, or ``cpu.max`` ("2000 10000")
+on v2, whichever holds the cpu controller (v1's on a hybrid host; ``limit.interface`` says
+which). A quota is a duty cycle, not a slower CPU:
 the group runs at full speed until its budget for the period is spent, then stalls until the
 next period. So the period is 10 ms (2 ms of CPU, then an 8 ms stall), not the kernel's default
 100 ms: with 100 ms a device that was idle (waiting for the network) gets its next 20 ms of CPU
@@ -31,36 +33,77 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PERIOD_US", "CpuLimit", "CpuLimitUnavailable", "cpu_cgroup_mount", "pick_cores"]
+from shared.cpu import CpuQuota, format_cpu_max, parse_cfs, parse_cpu_max, shares_to_weight
+
+__all__ = [
+    "PERIOD_US",
+    "CgroupCpu",
+    "CpuLimit",
+    "CpuLimitUnavailable",
+    "cgroup_of",
+    "cpu_cgroup_mount",
+    "find_cpu_cgroup",
+    "parse_cpu_stat",
+    "pick_cores",
+]
 
 PERIOD_US = 10_000
 PREFIX = "splitserve-bench-"
 
 
 class CpuLimitUnavailable(RuntimeError):
-    """The quota can't be set here (not root, no cgroup v1 cpu controller...): the reason."""
+    """The quota can't be set here (not root, no cpu controller...): the reason."""
+
+
+@dataclass(frozen=True)
+class CgroupCpu:
+    """Where the cpu controller lives: ``version`` 1 (its own mount) or 2 (the unified tree),
+    the mount, and this process's own group in it (``/`` or ``/user.slice``...)."""
+
+    version: int
+    mount: Path
+    own: str
 
 
 def cpu_cgroup_mount(mounts: str = "/proc/mounts") -> Path | None:
     """Where the cgroup v1 ``cpu`` controller is mounted (``/sys/fs/cgroup/cpu`` or
     ``/sys/fs/cgroup/cpu,cpuacct``), or None."""
+    found = find_cpu_cgroup(mounts)
+    return found.mount if found is not None and found.version == 1 else None
+
+
+def find_cpu_cgroup(
+    mounts: str | Path = "/proc/mounts", proc_cgroup: str | Path = "/proc/self/cgroup"
+) -> CgroupCpu | None:
+    """The cpu controller: v1's ``cpu`` mount if there is one (on a hybrid host the unified
+    tree then has no cpu controller), else a cgroup2 mount whose ``cgroup.controllers`` lists
+    ``cpu``; None if neither. ``mounts`` and ``proc_cgroup`` point at a fake tree in tests."""
     try:
         lines = Path(mounts).read_text().splitlines()
     except OSError:
         return None
+    v2: Path | None = None
     for line in lines:
         fields = line.split()
-        if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
-            return Path(fields[1])
-    return None
+        if len(fields) < 4:
+            continue
+        if fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            return CgroupCpu(1, Path(fields[1]), _own_group(proc_cgroup, version=1))
+        if fields[2] == "cgroup2" and v2 is None:
+            try:
+                if "cpu" in (Path(fields[1]) / "cgroup.controllers").read_text().split():
+                    v2 = Path(fields[1])
+            except OSError:
+                pass
+    return None if v2 is None else CgroupCpu(2, v2, _own_group(proc_cgroup, version=2))
 
 
-def _own_cpu_cgroup() -> str:
-    """Our own cgroup in the v1 cpu hierarchy, e.g. ``/`` or ``/user.slice``."""
+def _own_group(proc_cgroup: str | Path, *, version: int) -> str:
+    """Our own group in the cpu hierarchy: v1's ``N:cpu,...:/path`` line or v2's ``0::/path``."""
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
+        for line in Path(proc_cgroup).read_text().splitlines():
             _, controllers, path = line.split(":", 2)
-            if "cpu" in controllers.split(","):
+            if (controllers == "") if version == 2 else "cpu" in controllers.split(","):
                 return path
     except (OSError, ValueError):
         pass
@@ -68,15 +111,65 @@ def _own_cpu_cgroup() -> str:
 
 
 def cgroup_of(pid: int) -> str | None:
-    """The cpu-controller cgroup path ``pid`` is in now (read back, never assumed)."""
+    """The cpu-controller cgroup path ``pid`` is in now (read back, never assumed): the v1
+    cpu line, else the v2 line."""
     try:
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    unified = None
+    for line in lines:
+        try:
             _, controllers, path = line.split(":", 2)
-            if "cpu" in controllers.split(","):
-                return path
-    except (OSError, ValueError):
-        pass
-    return None
+        except ValueError:
+            continue
+        if "cpu" in controllers.split(","):
+            return path
+        if controllers == "":
+            unified = path
+    return unified
+
+
+def parse_cpu_stat(text: str) -> dict[str, int]:
+    """``cpu.stat`` as a dict, with ``throttled_time`` in ns on v1 and v2 alike."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    if "throttled_usec" in out and "throttled_time" not in out:
+        out["throttled_time"] = out["throttled_usec"] * 1000
+    return out
+
+
+def _v2_parent(own: Path, root: Path) -> Path:
+    """Where a v2 group can get the cpu controller: under our own group if it can hand the
+    controller down, else under the root (exempt from the "no internal processes" rule; a
+    systemd session's own group holds processes, so it cannot)."""
+    reasons = []
+    for parent in dict.fromkeys((own, root)):
+        try:
+            _enable_cpu_controller(parent)
+            return parent
+        except CpuLimitUnavailable as exc:
+            reasons.append(str(exc))
+    raise CpuLimitUnavailable("; ".join(reasons))
+
+
+def _enable_cpu_controller(parent: Path) -> None:
+    """v2 hands a controller to a group's children only when the group lists it in
+    ``cgroup.subtree_control``; the kernel refuses while the group itself holds processes
+    (the "no internal processes" rule), which we report."""
+    control = parent / "cgroup.subtree_control"
+    try:
+        if "cpu" in control.read_text().split():
+            return
+        control.write_text("+cpu")
+    except OSError as exc:
+        raise CpuLimitUnavailable(
+            f"cannot enable the cpu controller in {control}: {exc.strerror} (a v2 group that "
+            "holds processes cannot hand controllers down; run from a group of its own)"
+        ) from exc
 
 
 def pick_cores() -> tuple[int, int] | None:
@@ -88,13 +181,15 @@ def pick_cores() -> tuple[int, int] | None:
 
 @dataclass
 class CpuLimit:
-    """A cgroup v1 group with a CPU quota of ``fraction`` of one core (None: no quota) and a
-    ``cpu.shares`` weight. Create with ``CpuLimit.create``."""
+    """A cgroup with a CPU quota of ``fraction`` of one core (None: no quota) and a weight
+    (``shares`` in v1's units; v2 gets the same as ``cpu.weight``). Create with
+    ``CpuLimit.create``; ``version`` says which interface holds it."""
 
     path: Path
     fraction: float | None
     period_us: int
     shares: int | None = None
+    version: int = 1
 
     @classmethod
     def create(
@@ -104,44 +199,64 @@ class CpuLimit:
         period_us: int = PERIOD_US,
         shares: int | None = None,
         suffix: str = "",
+        cgroup: CgroupCpu | None = None,
     ) -> CpuLimit:
         """Make the group ``splitserve-bench-<pid><suffix>``; ``CpuLimitUnavailable`` says why
-        not (never half-made).
+        not (never half-made). ``cgroup``: where (default: ``find_cpu_cgroup()``).
 
         ``shares`` (default 1024, the weight of one ordinary process) decides who runs when the
         core is contended, never more than the quota: a high weight keeps unrelated jobs on a
         shared machine from eating into the device's 20 %."""
         if fraction is not None and not 0 < fraction <= 64:
             raise ValueError(f"fraction must be in (0, 64], got {fraction}")
-        quota_us = -1 if fraction is None else round(fraction * period_us)
-        if fraction is not None and quota_us < 1000:  # the kernel's minimum quota
+        quota = CpuQuota(None if fraction is None else round(fraction * period_us), period_us)
+        if quota.quota_us is not None and quota.quota_us < 1000:  # the kernel's minimum
             raise ValueError(f"{fraction} of a {period_us} us period is under the 1 ms minimum")
-        if shares is not None and not 2 <= shares <= 262_144:
-            raise ValueError(f"shares must be in [2, 262144], got {shares}")
-        mount = cpu_cgroup_mount()
-        if mount is None:
-            raise CpuLimitUnavailable("no cgroup v1 cpu controller is mounted (cgroup v2 only?)")
-        parent = mount / _own_cpu_cgroup().lstrip("/")
+        weight = None if shares is None else shares_to_weight(shares)  # ValueError if out of range
+        where = cgroup or find_cpu_cgroup()
+        if where is None:
+            raise CpuLimitUnavailable("no cpu controller is mounted (neither cgroup v1 nor v2)")
+        parent = where.mount / where.own.lstrip("/")
+        if where.version == 2:
+            parent = _v2_parent(parent, where.mount)
         path = parent / f"{PREFIX}{os.getpid()}{suffix}"
         try:
             path.mkdir(exist_ok=True)
         except OSError as exc:
             raise CpuLimitUnavailable(f"cannot create {path}: {exc.strerror}") from exc
-        limit = cls(path, fraction, period_us, shares)
+        limit = cls(path, fraction, period_us, shares, where.version)
         try:
-            # The group is new (quota -1), so the period can change before the quota.
-            (path / "cpu.cfs_period_us").write_text(str(period_us))
-            (path / "cpu.cfs_quota_us").write_text(str(quota_us))
-            if shares is not None:
-                (path / "cpu.shares").write_text(str(shares))
+            if where.version == 2:
+                (path / "cpu.max").write_text(format_cpu_max(quota))
+                if weight is not None:
+                    (path / "cpu.weight").write_text(str(weight))
+            else:
+                # The group is new (quota -1), so the period can change before the quota.
+                (path / "cpu.cfs_period_us").write_text(str(period_us))
+                (path / "cpu.cfs_quota_us").write_text(str(quota.quota_us or -1))
+                if shares is not None:
+                    (path / "cpu.shares").write_text(str(shares))
         except OSError as exc:
             limit.remove()
             raise CpuLimitUnavailable(f"cannot set up {path}: {exc.strerror}") from exc
         return limit
 
     @property
+    def interface(self) -> str:
+        """Which kernel interface holds the quota, for the benchmark's output."""
+        return "cgroup v2 (cpu.max)" if self.version == 2 else "cgroup v1 (cpu.cfs_quota_us)"
+
+    @property
     def quota_us(self) -> int:
-        return int((self.path / "cpu.cfs_quota_us").read_text())
+        """The quota read back from the group: -1 for none, as v1 writes it."""
+        if self.version == 2:
+            quota = parse_cpu_max((self.path / "cpu.max").read_text())
+        else:
+            quota = parse_cfs(
+                (self.path / "cpu.cfs_quota_us").read_text(),
+                (self.path / "cpu.cfs_period_us").read_text(),
+            )
+        return -1 if quota.quota_us is None else quota.quota_us
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (all its threads) into the group, and check that it got there."""
@@ -154,12 +269,11 @@ class CpuLimit:
             raise CpuLimitUnavailable(f"{pid} is in {where!r} after moving it to {self.path}")
 
     def stats(self) -> dict[str, int]:
-        """``cpu.stat``: ``nr_periods``, ``nr_throttled``, ``throttled_time`` (ns)..."""
+        """``cpu.stat``: ``nr_periods``, ``nr_throttled``, ``throttled_time`` (ns)... v2's
+        ``throttled_usec`` is also given as v1's ``throttled_time``, so both read alike."""
         out = {}
         with contextlib.suppress(OSError):
-            for line in (self.path / "cpu.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                out[key] = int(value)
+            out = parse_cpu_stat((self.path / "cpu.stat").read_text())
         return out
 
     def remove(self, timeout_s: float = 5.0) -> bool:

@@ -11,8 +11,11 @@ The device is a separate process on the other core, limited by a cgroup to ``--d
 it (0.2: about a Raspberry Pi 4 core; ``bench.cpulimit``), where it measures its own profile and
 runs the real device client (``bench.device_worker``).
 
-For each link: ``device``, ``cloud``, every split point and ``auto`` on the same images; p50 and
-p95 of the device-measured total latency. The oracle is the fixed candidate with the lowest p50.
+For each link: ``device``, ``cloud``, every split point and ``auto`` on the same images, in a
+random order per image (``--seed``); p50 and p95 of the device-measured total latency. The
+oracle is the fixed candidate with the lowest p50. ``auto`` is compared with the oracle and with
+the fixed run of the candidate it chose (``auto/chosen``: what auto itself adds), and its own
+prediction for its choice is set against what it measured (``predicted (err)``).
 Then the drop: ``auto`` runs on ``wifi``, the link turns into ``3g`` mid-run, and the trace shows
 how many requests ``auto`` needs to move. Writes ``latency.json``, ``latency.md``,
 ``latency.png`` and ``latency_raw.json`` (every inference) to ``--out``.
@@ -161,6 +164,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5,
         help="the service's own start-up timing runs per split point (default 5)",
     )
+    p.add_argument(
+        "--seed",
+        type=cliargs.integer(at_least=0),
+        default=0,
+        help="seeds the order the candidates run in for each photo (default 0)",
+    )
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -189,6 +198,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         profile_repeats=args.profile_repeats,
         server_profile_repeats=args.server_profile_repeats,
         out=args.out,
+        seed=args.seed,
     )
 
 
@@ -203,7 +213,7 @@ def _command(c: RunConfig) -> str:
         f"--warmup {c.warmup} "
         f"--auto-warmup {c.auto_warmup} --drop {drop} --drop-before {c.drop_before} "
         f"--drop-after {c.drop_after} --profile-repeats {c.profile_repeats} "
-        f"--server-profile-repeats {c.server_profile_repeats} --out {c.out}"
+        f"--server-profile-repeats {c.server_profile_repeats} --seed {c.seed} --out {c.out}"
     )
 
 
@@ -233,7 +243,11 @@ def run(args: argparse.Namespace) -> int:
     paths = latency_report.write_outputs(summary, raw, args.out)
     report.print_table(
         f"{config.model}: end-to-end ms on a device with "
-        + (f"{config.device_cpu:g} of a core" if summary["device_cpu_limited"] else "FULL CPU"),
+        + (
+            f"{config.device_cpu:g} of a core, {summary.get('cpu_limit_interface')}"
+            if summary["device_cpu_limited"]
+            else "FULL CPU"
+        ),
         latency_report.HEADERS,
         latency_report.table_rows(summary),
         align=latency_report.ALIGN,

@@ -11,7 +11,11 @@ The worker loads at full speed, then joins the cgroup before it measures its pro
 any timed inference. On each link every candidate first runs ``warmup`` untimed inferences
 (``auto``: a fresh ``AutoSplit``, then ``auto_warmup`` of them: it learns the link from its own
 traffic), then the candidates take turns image by image, so that load from other jobs on the
-machine, which drifts over minutes, falls on all of them alike. ``auto`` keeps its state across
+machine, which drifts over minutes, falls on all of them alike. Within an image they run in a
+random order, seeded by ``seed`` and the link: a fixed order would put every candidate after
+the same predecessor every time (``auto`` after ``_dropout``), and whatever a predecessor
+leaves behind on a CPU-limited device (a spent quota period, cold caches) would land on one
+candidate only. ``auto`` keeps its state across
 its turns, like a device classifying a photo every few seconds. The drop scenario is ``auto``
 alone, back to back.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import sys
 import time
@@ -37,7 +42,7 @@ from bench.netem import PROFILES, LinkShape, ShapedProxy
 from device_client.local_service import LocalService
 from shared.errors import ConfigError
 
-__all__ = ["RunConfig", "check_link", "measure"]
+__all__ = ["RunConfig", "candidate_orders", "check_link", "measure"]
 
 AUTO = "auto"
 
@@ -61,6 +66,7 @@ class RunConfig:
     profile_repeats: int
     server_profile_repeats: int
     out: Path
+    seed: int = 0
 
 
 async def check_link(url: str, model: str, shape: LinkShape) -> dict[str, float]:
@@ -87,6 +93,12 @@ async def check_link(url: str, model: str, shape: LinkShape) -> dict[str, float]
         "uplink_mbps": round((large - 64) * 8 / max(large_ms - small_ms, 1e-3) / 1e3, 3),
         "rtt_ms": round(small_ms, 2),  # + a little server and HTTP time
     }
+
+
+def candidate_orders(candidates: list[str], images: int, *, seed: str) -> list[list[str]]:
+    """One shuffled copy of ``candidates`` per image, the same for the same ``seed``."""
+    rng = random.Random(seed)
+    return [rng.sample(candidates, len(candidates)) for _ in range(images)]
 
 
 def _pin(core: int | None) -> list[str]:
@@ -191,6 +203,8 @@ class _Bench:
                 self.warn(f"the device runs at FULL speed: {exc}")
         self.raw.update(
             device_cpu_limited=limited,
+            cpu_limit_interface=self.limit.interface if limited and self.limit else None,
+            seed=c.seed,
             device_cpu=c.device_cpu,  # asked for; device_cpu_limited says if it was applied
             cpu_period_us=c.period_us if limited else None,
             device_cgroup=cgroup_of(self.worker.pid),
@@ -255,13 +269,15 @@ class _Bench:
                     split, [], warmup=[k % len(images) for k in range(count)], fresh=True
                 )
             runs: dict[str, list[dict[str, Any]]] = {split: [] for split in candidates}
-            # Round-robin: every candidate on image i, then on image i + 1, starting each round
-            # one candidate later. Load from other jobs drifts; this way it lands on every
-            # candidate alike, and oracle and auto are compared on the same minutes.
-            for i in images:
+            # Every candidate on image i, then on image i + 1, each time in a fresh random
+            # order. Load from other jobs drifts; this way it lands on every candidate alike,
+            # oracle and auto are compared on the same minutes, and no candidate always
+            # follows the same one.
+            orders = candidate_orders(candidates, len(images), seed=f"{c.seed}:{name}")
+            entry["orders"] = orders
+            for i, order in zip(images, orders, strict=True):
                 progress.update(task, description=f"{name}: image {i + 1}/{len(images)}")
-                for k in range(len(candidates)):
-                    split = candidates[(i + k) % len(candidates)]
+                for split in order:
                     results, plan = await self.worker.run(split, [i])
                     runs[split].extend(results)
                     if plan is not None:

@@ -29,6 +29,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 __all__ = ["PROFILES", "LinkShape", "ShapedProxy"]
 
@@ -195,8 +196,9 @@ class ShapedProxy:
                 self._pipe(server_r, client_w, self.down, abort),
             )
             stop = asyncio.ensure_future(aborted.wait())
+            waiting: set[asyncio.Future[Any]] = {pipes, stop}
             try:
-                await asyncio.wait({pipes, stop}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 pipes.cancel()
                 stop.cancel()

@@ -1,4 +1,7 @@
-"""Tests for bench.cpulimit: a process in a 20 % group gets 20 % of a core, and nothing leaks."""
+"""Tests for bench.cpulimit: a process in a 20 % group gets 20 % of a core, and nothing leaks.
+
+The real tests use whichever cgroup version holds the cpu controller here; cgroup v2's files
+are also checked in a fake tree under a temporary directory."""
 
 from __future__ import annotations
 
@@ -11,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.cpulimit import CpuLimit, CpuLimitUnavailable, cgroup_of, cpu_cgroup_mount
+from bench.cpulimit import (
+    CgroupCpu,
+    CpuLimit,
+    CpuLimitUnavailable,
+    cgroup_of,
+    cpu_cgroup_mount,
+    find_cpu_cgroup,
+    parse_cpu_stat,
+)
 
 # Busy-loops for ``seconds`` of wall time once told to start, then prints its CPU time.
 _BUSY = """
@@ -108,3 +119,76 @@ def test_a_weight_only_group_has_no_quota() -> None:
     finally:
         group.release(os.getpid())
         assert group.remove()
+
+
+def test_the_real_group_names_its_interface(limit: CpuLimit) -> None:
+    found = find_cpu_cgroup()
+    assert found is not None and limit.version == found.version
+    assert limit.interface.startswith(f"cgroup v{found.version}")
+
+
+def _fake_v2(tmp_path: Path, controllers: str = "cpu io memory") -> CgroupCpu:
+    root = tmp_path / "cgroup"
+    (root / "box").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text(controllers + "\n")
+    (root / "box" / "cgroup.subtree_control").write_text("\n")
+    (tmp_path / "mounts").write_text(f"cgroup2 {root} cgroup2 rw,nosuid 0 0\n")
+    (tmp_path / "self").write_text("0::/box\n")
+    found = find_cpu_cgroup(tmp_path / "mounts", tmp_path / "self")
+    assert found == CgroupCpu(2, root, "/box")
+    return found
+
+
+def test_finds_a_v2_cpu_controller(tmp_path: Path) -> None:
+    _fake_v2(tmp_path)
+    (tmp_path / "cgroup" / "cgroup.controllers").write_text("io memory\n")
+    assert find_cpu_cgroup(tmp_path / "mounts", tmp_path / "self") is None
+
+
+def test_v1_wins_on_a_hybrid_host(tmp_path: Path) -> None:
+    _fake_v2(tmp_path)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(mounts.read_text() + "cgroup /v1/cpu cgroup rw,cpu 0 0\n")
+    (tmp_path / "self").write_text("1:cpu:/mine\n0::/box\n")
+    assert find_cpu_cgroup(mounts, tmp_path / "self") == CgroupCpu(1, Path("/v1/cpu"), "/mine")
+
+
+def test_writes_cpu_max_and_weight_in_a_v2_tree(tmp_path: Path) -> None:
+    where = _fake_v2(tmp_path)
+    limit = CpuLimit.create(0.2, period_us=10_000, shares=8192, cgroup=where)
+    assert limit.version == 2 and limit.interface == "cgroup v2 (cpu.max)"
+    assert limit.path.parent == tmp_path / "cgroup" / "box"
+    assert (limit.path / "cpu.max").read_text() == "2000 10000"
+    assert (limit.path / "cpu.weight").read_text() == "313"
+    assert (limit.path.parent / "cgroup.subtree_control").read_text() == "+cpu"
+    assert limit.quota_us == 2000
+    (limit.path / "cpu.stat").write_text("usage_usec 9\nnr_periods 5\nnr_throttled 2\n"
+                                         "throttled_usec 40\n")
+    assert limit.stats()["throttled_time"] == 40_000
+    for name in ("cpu.max", "cpu.weight", "cpu.stat"):  # a real group's files go with it
+        (limit.path / name).unlink()
+    assert limit.remove()
+    assert not limit.path.exists()
+
+
+def test_a_v2_group_without_a_quota(tmp_path: Path) -> None:
+    limit = CpuLimit.create(None, cgroup=_fake_v2(tmp_path), suffix="-service")
+    assert (limit.path / "cpu.max").read_text() == "max 10000"
+    assert limit.quota_us == -1
+
+
+def test_cpu_stat_reads_alike_on_v1_and_v2() -> None:
+    v1 = parse_cpu_stat("nr_periods 10\nnr_throttled 3\nthrottled_time 7000\n")
+    v2 = parse_cpu_stat("nr_periods 10\nnr_throttled 3\nthrottled_usec 7\n")
+    assert v1["throttled_time"] == v2["throttled_time"] == 7000
+
+
+def test_a_v2_group_that_cannot_hand_down_cpu_falls_back_to_the_root(tmp_path: Path) -> None:
+    where = _fake_v2(tmp_path)
+    control = tmp_path / "cgroup" / "box" / "cgroup.subtree_control"
+    control.unlink()
+    control.mkdir()  # writing it fails, as the kernel's EBUSY would
+    (tmp_path / "cgroup" / "cgroup.subtree_control").write_text("\n")
+    limit = CpuLimit.create(0.5, cgroup=where)
+    assert limit.path.parent == tmp_path / "cgroup"
+    assert (limit.path / "cpu.max").read_text() == "5000 10000"

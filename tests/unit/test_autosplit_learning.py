@@ -114,7 +114,9 @@ def test_an_expired_service_profile_is_refreshed_in_the_background() -> None:
             clock.now = 31.0
             plan = await auto.plan()
             assert plan.estimate("mid").server_ms == 20.0  # planned at once with what it had
-            await asyncio.sleep(0.01)  # the refresh lands in the background
+            assert len(gets) == 1  # and nothing started on this request's path
+            auto.observe(_result("mid", 50.0, 2.0, sent=10_000))  # the request is over
+            await auto.settle()  # the refresh lands in the background
             assert len(gets) == 2
             assert (await auto.plan()).estimate("mid").server_ms == 25.0
 
@@ -136,9 +138,91 @@ def test_after_a_failure_the_service_profile_is_fetched_before_planning() -> Non
             # A background refresh that fails is not trusted either: the next plan refetches.
             clock.now, fail[0] = 100.0, True
             await auto.plan()
-            await asyncio.sleep(0.01)
+            auto.observe(_result("mid", 50.0, 2.0, sent=10_000))
+            await auto.settle()
             fail[0] = False
             await auto.plan()
             assert len(gets) == 4
+
+    asyncio.run(run())
+
+
+def test_an_unchanged_situation_reuses_the_plan() -> None:
+    server_ms, gets, fail, clock = [20.0], [], [False], _Clock()
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test",
+                                 transport=_metadata_service(server_ms, gets, fail)) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock)
+            await auto.plan()  # no current choice yet
+            first = await auto.plan()
+            assert await auto.plan() is first  # same profiles, link and choice: no new costing
+            assert auto.last_link is not None
+            auto.observe(_result(DEVICE, 200.0))  # the device got slower: cost it again
+            again = await auto.plan()
+            assert again is not first
+            assert again.estimate(DEVICE).head_ms > first.estimate(DEVICE).head_ms
+
+    asyncio.run(run())
+
+
+def test_the_next_plan_is_costed_ahead_not_on_the_requests_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import device_client.auto as auto_module
+
+    costed: list[str] = []
+    real_choose = auto_module.choose
+
+    def counting_choose(*args: object, **kwargs: object) -> object:
+        costed.append("x")
+        return real_choose(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auto_module, "choose", counting_choose)
+    server_ms, gets, fail, clock = [20.0], [], [False], _Clock()
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test",
+                                 transport=_metadata_service(server_ms, gets, fail)) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock)
+            await auto.plan()
+            await auto.plan()
+            auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))  # new link sample, new speed
+            await auto.settle()  # the idle time after a photo
+            before = len(costed)
+            await auto.plan()
+            assert len(costed) == before  # found ready
+
+    asyncio.run(run())
+
+
+def test_on_the_device_the_reprobe_happens_after_a_request_not_on_its_path() -> None:
+    probes: list[int] = []
+    clock = _Clock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/probe"):
+            probes.append(len(request.content))
+            return httpx.Response(200, json={"received_bytes": len(request.content),
+                                             "server_ms": 0.0})
+        # A slow service on a fast device: the device wins every plan.
+        return httpx.Response(200, json={"server_ms": 900.0, "queue_ms": 0.0, "split_points": [
+            {"name": "early", "server_ms": 900.0}, {"name": "mid", "server_ms": 900.0}]})
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test", transport=httpx.MockTransport(handler)
+                                 ) as client:
+            auto = AutoSplit(client, PROFILE, clock=clock, reprobe_s=300.0)
+            assert (await auto.plan()).chosen == DEVICE
+            first = len(probes)
+            assert first == 4  # the first plan had nothing: it probed on the spot
+            clock.now = 400.0  # estimates aged out, re-probe due
+            assert (await auto.plan()).chosen == DEVICE  # still plans at once, from the stale
+            assert len(probes) == first
+            auto.observe(_result(DEVICE, 100.0))  # the request is over: probe now
+            await auto.settle()
+            assert len(probes) == 2 * first
+            await auto.plan()
+            assert len(probes) == 2 * first
 
     asyncio.run(run())
