@@ -57,8 +57,10 @@ _SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the fa
 class AutoSplit:
     """Plans each inference. ``plan()`` before, ``observe(result)`` after.
 
-        >>> auto = AutoSplit(client, profile)
-        >>> plan = await auto.plan()        # plan.chosen: "device", "cloud" or a split point
+        auto = AutoSplit(client, profile)
+        plan = await auto.plan()        # plan.chosen: "device", "cloud" or a split point
+        result = await run(plan.chosen)
+        auto.observe(result)
     """
 
     def __init__(self, client: ServiceClient, profile: DeviceProfile, *,

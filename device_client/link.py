@@ -40,10 +40,9 @@ No RTT evidence or no large sample means ``estimate()`` is None and ``needs_prob
 estimator only ever sees the service's own answers: the client talks to its base URL, nowhere
 else.
 
-    >>> link = LinkEstimator()
-    >>> await probe(client, "efficientnet_lite0", link)
-    LinkEstimate(uplink_bps=1598213.4..., rtt_ms=40.1..., downlink_bps=None, source='probe')
-    >>> link.observe(reply.bytes_sent, reply.round_trip_ms, reply.server_ms)  # every request
+    link = LinkEstimator()
+    await probe(client, "efficientnet_lite0", link)  # LinkEstimate(uplink_bps=1.6e6, ...)
+    link.observe(reply.bytes_sent, reply.round_trip_ms, reply.server_ms)  # after every request
 """
 
 from __future__ import annotations
@@ -232,7 +231,7 @@ async def probe(client: ProbeClient, model: str, estimator: LinkEstimator) -> Li
     Interleaved so that a cold connection (handshake, slow start after idle) slows the first
     small and first large upload only: the medians then skip them.
 
-        >>> estimate = await probe(client, "efficientnet_lite0", estimator)
+        estimate = await probe(client, "efficientnet_lite0", estimator)
     """
     small, large = estimator.probe_sizes()
     for size in (small, large, small, large):

@@ -5,10 +5,10 @@ The same shape of API as ``device_client.runtime.DeviceRuntime`` (``points``, ``
 that one takes torch tensors. Importing and running it loads no torch; ``encode`` goes through
 ``shared.codec_numpy`` (whose frame type still lives in the torch codec module for now).
 
-    >>> rt = OnnxDeviceRuntime("bundles/efficientnet_lite0", precision="int8", threads=1)
-    >>> point = rt.point("_blocks.8")
-    >>> frame = rt.encode(point, rt.run_head(point, x), request_id="r1")
-    >>> logits = rt.run_tail(point, rt.run_head(point, x))      # the fallback, all local
+    rt = OnnxDeviceRuntime("bundles/efficientnet_lite0", precision="int8", threads=1)
+    point = rt.point("_blocks.8")
+    frame = rt.encode(point, rt.run_head(point, x), request_id="r1")
+    logits = rt.run_tail(point, rt.run_head(point, x))      # the fallback, all local
 """
 
 from __future__ import annotations

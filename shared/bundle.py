@@ -15,11 +15,9 @@ directory: ONNX Runtime refuses external data outside a graph's own directory.)
 This module needs no torch and no onnxruntime: it reads JSON and hashes files. Every problem is
 one ``BundleError`` subclass with a one-line message.
 
-    >>> bundle = load_bundle("bundles/efficientnet_lite0", fingerprint=runtime.fingerprint)
-    >>> bundle.point("_blocks.8").tail
-    'tail_011.onnx'
-    >>> bundle.path(bundle.full["fp32"])
-    PosixPath('bundles/efficientnet_lite0/full.onnx')
+    bundle = load_bundle("bundles/efficientnet_lite0", fingerprint=runtime.fingerprint)
+    bundle.point("_blocks.8").tail           # 'tail_011.onnx'
+    bundle.path(bundle.full["fp32"])         # PosixPath('bundles/efficientnet_lite0/full.onnx')
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Shared by the device runtime (``device_client.onnx_runtime``) and the export's checks
 (``shared.export``), so what export verifies is what the device runs. No torch.
 
-    >>> session = open_session(bundle.path("full.onnx"), threads=1)
-    >>> logits, = session.run(["logits"], {"input": x})
+    session = open_session(bundle.path("full.onnx"), threads=1)
+    logits, = session.run(["logits"], {"input": x})
 """
 
 from __future__ import annotations

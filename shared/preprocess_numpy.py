@@ -1,6 +1,6 @@
 """``shared.preprocess.to_tensor`` for numpy: the ONNX Runtime device's input, without torch.
 
-    >>> x = to_array(center_crop(photo, pre), pre)      # float32, (1, 3, 224, 224)
+    x = to_array(center_crop(photo, pre), pre)      # float32, (1, 3, 224, 224)
 
 ``pre`` is anything with ``mean`` and ``std`` per RGB channel in 0..255 units: a
 ``Preprocessing`` or a bundle's ``BundlePreprocessing``. (``center_crop`` is pure Pillow, but its

@@ -5,8 +5,8 @@ scale per output channel. Each graph is pre-processed first (ONNX Runtime folds 
 the convolution before it), so the int8 weights are the fused ones, as the float graph runs.
 No torch.
 
-    >>> inputs = calibration_inputs(images, preprocessing)     # float32 arrays, (1, 3, H, W)
-    >>> int8 = quantize(head, inputs, workdir=tmp)
+    inputs = calibration_inputs(images, preprocessing)     # float32 arrays, (1, 3, H, W)
+    int8 = quantize(head, inputs, workdir=tmp)
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ tensors (and int8 graphs quantized from the same weights hold the same int8 tens
 graph's initializers are moved into ONNX external data, and a tensor whose bytes are already in
 the file points at the existing copy. No torch.
 
-    >>> store = SharedWeights(staging / "weights.bin")
-    >>> store.externalize(head)          # head's initializers now point into weights.bin
-    >>> onnx.save(head, staging / "head_005.onnx")
+    store = SharedWeights(staging / "weights.bin")
+    store.externalize(head)          # head's initializers now point into weights.bin
+    onnx.save(head, staging / "head_005.onnx")
 """
 
 from __future__ import annotations

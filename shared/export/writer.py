@@ -46,8 +46,7 @@ def export_bundle(model: str, out: str | os.PathLike[str], *, weights: Weights |
     directory of them (default: the reference photo the package ships). An existing bundle at
     ``out`` is replaced; any other non-empty directory is refused. Returns ``out``.
 
-        >>> export_bundle("efficientnet_lite0", "bundles/lite0", int8=True)
-        PosixPath('bundles/lite0')
+        export_bundle("efficientnet_lite0", "bundles/lite0", int8=True)  # -> Path("bundles/lite0")
     """
     out = Path(out)
     if out.exists() and not (out / MANIFEST_NAME).is_file() and (

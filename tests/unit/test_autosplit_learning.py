@@ -206,8 +206,8 @@ def test_on_the_device_the_reprobe_happens_after_a_request_not_on_its_path() -> 
             return httpx.Response(200, json={"received_bytes": len(request.content),
                                              "server_ms": 0.0})
         # A slow service on a fast device: the device wins every plan.
-        return httpx.Response(200, json={"server_ms": 900.0, "queue_ms": 0.0, "split_points": [
-            {"name": "early", "server_ms": 900.0}, {"name": "mid", "server_ms": 900.0}]})
+        return httpx.Response(200, json=metadata_body(
+            server_ms=900.0, split_ms={"early": 900.0, "mid": 900.0}))
 
     async def run() -> None:
         async with ServiceClient("http://s.test", transport=httpx.MockTransport(handler)
