@@ -114,7 +114,7 @@ class WorkerHandle:
                 pass
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         return self.proc.returncode if self.proc.returncode is not None else -1

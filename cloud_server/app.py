@@ -13,9 +13,9 @@ from fastapi.openapi.utils import get_openapi
 from cloud_server.errors import install_error_handlers
 from cloud_server.middleware import ActivityMiddleware, AuthMiddleware, BodyLimitMiddleware
 from cloud_server.routers import docs, health, infer, metrics, models
-from cloud_server.schemas import OipRequest
 from cloud_server.service import Loader, Service
 from cloud_server.settings import Settings, get_settings
+from shared.schemas import OipRequest
 
 __all__ = ["create_app"]
 

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Annotated
+from typing import Annotated, cast
 
 import torch
 from fastapi import Depends, Request
@@ -102,11 +102,11 @@ class Service:
         return result
 
     def _run(self, key: Hashable, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        model, split = key  # type: ignore[misc]
+        model, split = cast(tuple[str, str], key)
         return self.runtimes[model].run(split, inputs)
 
     def _on_batch(self, key: Hashable, size: int, compute_s: float) -> None:
-        model, split = key  # type: ignore[misc]
+        model, split = cast(tuple[str, str], key)
         self.metrics.compute_seconds.labels(model=model, split=split).observe(compute_s)
         self.metrics.batch_size.labels(model=model, split=split).observe(size)
 

@@ -17,6 +17,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -100,8 +101,8 @@ def measure(runtime: DeviceRuntime, *, options: EncodeOptions, jpeg_quality: int
     for point in runtime.points:
         step(point.name)
         acts = runtime.run_head(point, x)  # also builds and warms up the halves
-        head_ms = median_ms(lambda p=point: runtime.run_head(p, x), repeats=repeats)
-        encode_ms = median_ms(lambda p=point, a=acts: runtime.encode(p, a, "profile", options),
+        head_ms = median_ms(partial(runtime.run_head, point, x), repeats=repeats)
+        encode_ms = median_ms(partial(runtime.encode, point, acts, "profile", options),
                               repeats=repeats)
         frame = runtime.encode(point, acts, "0123456789abcdef", options)
         costs.append(DeviceCost(point.name, head_ms, encode_ms, len(frame)))

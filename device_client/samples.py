@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
@@ -20,7 +21,8 @@ def sample_photos() -> dict[str, Image.Image]:
     except ImportError as exc:
         raise ConfigError("the sample photos need scikit-image: "
                           "pip install 'splitserve[demo]'") from exc
-    loaders: dict[str, Callable[[], object]] = {
+    loaders: dict[str, Callable[[], Any]] = {
         "chelsea": data.chelsea, "coffee": data.coffee, "astronaut": data.astronaut,
-        "rocket": data.rocket, "motorcycle": lambda: data.stereo_motorcycle()[0]}
+        "rocket": data.rocket,
+        "motorcycle": lambda: data.stereo_motorcycle()[0]}  # type: ignore[no-untyped-call]
     return {name: Image.fromarray(loaders[name]()).convert("RGB") for name in SAMPLE_NAMES}
