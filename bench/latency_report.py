@@ -9,7 +9,6 @@ from ``latency_raw.json`` without measuring again.
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 from collections import Counter
@@ -17,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, stats
+from shared.candidates import AUTO, CLOUD, DEVICE
 
 __all__ = [
     "BAR",
@@ -34,7 +34,6 @@ __all__ = [
     "write_outputs",
 ]
 
-AUTO, DEVICE, CLOUD = "auto", "device", "cloud"
 BAR = 1.10  # auto's p50 within 10 % of the oracle's and of the better of device and cloud
 # ... and within 5 % of the fixed run of the candidate it chose: what auto adds to a candidate
 # (planning, background work, its place in the order) must not cost more than that.
@@ -61,13 +60,11 @@ _PARTS = ("head", "encode", "network", "server")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default): ``q`` in [0, 100]."""
-    if not values:
+    """``bench.stats.percentile`` for a run that must have samples: every candidate ran."""
+    value = stats.percentile(values, q)
+    if value is None:
         raise ValueError("no values")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    return value
 
 
 def candidate_stats(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -40,11 +40,11 @@ from bench.cpulimit import CpuLimit, CpuLimitUnavailable, cgroup_of, pick_cores
 from bench.device_worker import WorkerHandle
 from bench.netem import PROFILES, LinkShape, ShapedProxy
 from device_client.local_service import LocalService
+from shared.candidates import AUTO
 from shared.errors import ConfigError
 
 __all__ = ["RunConfig", "candidate_orders", "check_link", "measure"]
 
-AUTO = "auto"
 
 
 @dataclass(frozen=True)
