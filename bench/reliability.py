@@ -26,6 +26,9 @@ faults  SIGKILL in the middle of 30 requests and a restart on the same port; a c
         services, with and without --no-fallback.
 soak    >= 10,000 requests at concurrency 8, the service's RSS from /proc after a 500-request
         warm-up and at the end.
+hostile hostile clients (tests/reliability/test_hostile.py): 1,100 idle and trickling
+        connections under a 1,024 open-file limit, msgpack and JSON amplification bodies, six
+        maximal images in parallel, 10,000 normal /classify calls; readiness latency and RSS.
 
 Writes ``reliability.json``, ``reliability.md`` and ``reliability.png`` (RSS over the soak, and
 the fuzz answers by status) to ``--out`` (default ``bench/results``).
@@ -53,11 +56,12 @@ from shared.errors import ConfigError
 __all__ = ["add_arguments", "run"]
 
 MODEL = "efficientnet_lite0"
-PARTS = ("fuzz", "faults", "soak")
+PARTS = ("fuzz", "faults", "soak", "hostile")
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "tests/reliability"
 #: The test file of each part; with every part selected the whole suite runs.
-PART_FILES = {"fuzz": "test_fuzz.py", "faults": "test_faults.py", "soak": "test_soak.py"}
+PART_FILES = {"fuzz": "test_fuzz.py", "faults": "test_faults.py", "soak": "test_soak.py",
+              "hostile": "test_hostile.py"}
 #: Sections the table knows how to summarise; any other section is listed row by row after them.
 KNOWN = ("fuzz", "fuzz_neighbours", "fuzz_problems", "faults", "faults_cli", "soak", "soak_rss")
 # The environment the tests read (tests/support/figures.py and sizes.py): a file format and a few

@@ -8,7 +8,6 @@ for ``python -m bench reliability``.
 
 from __future__ import annotations
 
-import os
 import socket
 import statistics
 import threading
@@ -22,13 +21,13 @@ import pytest
 from device_client.local_service import LocalService
 from device_client.samples import sample_photos
 from shared.preprocess import encode_jpeg
-from tests.support import hostile
+from tests.support import hostile, sizes
 from tests.support.figures import record
 
 MODEL = "efficientnet_lite0"
 KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-FULL = os.environ.get("SPLITSERVE_FULL_RELIABILITY") == "1"
+FULL = sizes.full()  # the benchmark's full run: 10,000 /classify calls instead of 300
 HEADER_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 16 * 2**20
@@ -210,7 +209,7 @@ def test_maximal_images_in_parallel_stay_bounded_and_memory_comes_back(svc: Loca
 
 @pytest.mark.timeout(3600 if FULL else 300)
 def test_normal_classify_traffic_does_not_ratchet_memory(svc: LocalService) -> None:
-    calls = 10_000 if FULL else 300
+    calls = sizes.pick(300, 10_000)
     url = f"{svc.url}/v2/models/{MODEL}/classify"
     photos = [encode_jpeg(p) for p in sample_photos().values()]
     headers = {**AUTH, "Content-Type": "image/jpeg"}
