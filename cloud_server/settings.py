@@ -19,6 +19,8 @@ from shared.cpu import cpu_limit
 
 __all__ = ["Settings", "get_settings"]
 
+_BACKENDS = ("onnxruntime", "torch")  # cloud_server.backend.BACKENDS (which imports torch)
+
 
 class Settings(BaseSettings):
     """Everything an operator can set: keywords in tests, the environment in production."""
@@ -65,6 +67,14 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _known_backend(cls, value: object) -> object:
+        # Literal's own message does not say what was given; an operator's typo should show.
+        if isinstance(value, str) and value not in _BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; valid: {', '.join(_BACKENDS)}")
         return value
 
     @field_validator("image_memory_budget_bytes")
