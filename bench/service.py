@@ -3,6 +3,7 @@
     python -m bench service                     # 4 levels x (3 s warm-up + 12 s), ~2 min
     python -m bench service --quick --out /tmp/svc
     python -m bench service --concurrency 16 --max-queue-delay-ms 5
+    python -m bench service --backend torch,onnxruntime --out /tmp/svc   # both, one run
 
 Starts ``python -m cloud_server`` on loopback and loads it with N closed-loop clients (asyncio
 tasks, one keep-alive connection each) posting pre-encoded frames of the five sample photos, cut
@@ -10,11 +11,16 @@ at the model's middle split point, for a fixed time per level. Counts ``ok`` (20
 top-1 class), ``rejected_503`` (a fast 503 with Retry-After) and ``errors`` (anything else),
 and records throughput, p50/p99 latency, the mean batch size and the service's CPU use.
 
-The ceiling, ``raw_compute_rps``, is the service's own tail (``load_runtime(...).run``) run by
-torch alone on dequantized batches of the service's ``max_batch_size``, on the service's cores
-with its thread count, while the service idles: before the load and after every level (the
-median counts; each level also gets ``efficiency_nearby`` against the two measurements around
-it, for a machine others share). Efficiency = throughput / that ceiling.
+``--backend`` picks the service's backend (``SPLITSERVE_BACKEND``); several, comma-separated,
+are measured one after the other in one run, each into ``--out/<backend>/``, and compared in
+``service_backends.json`` (throughput and efficiency at 16 clients, and the onnxruntime / torch
+speedup).
+
+The ceiling, ``raw_compute_rps``, is the service's own tail (``load_runtime(...).run``, on the
+same backend) run alone on dequantized batches of the service's ``max_batch_size``, on the
+service's cores with its thread count, while the service idles: before the load and after every
+level (the median counts; each level also gets ``efficiency_nearby`` against the two
+measurements around it, for a machine others share). Efficiency = throughput / that ceiling.
 
 CPU (``--layout``): by default (``isolated``) the service is pinned (taskset) to every core but
 the last and its torch threads follow that count; the load generator (this process: once the
