@@ -3,6 +3,7 @@
     python -m bench service                     # 4 levels x (3 s warm-up + 12 s), ~2 min
     python -m bench service --quick --out /tmp/svc
     python -m bench service --concurrency 16 --max-queue-delay-ms 5
+    python -m bench service --backend torch,onnxruntime --out /tmp/svc   # both, one run
 
 Starts ``python -m cloud_server`` on loopback and loads it with N closed-loop clients (asyncio
 tasks, one keep-alive connection each) posting pre-encoded frames of the five sample photos, cut
@@ -10,11 +11,16 @@ at the model's middle split point, for a fixed time per level. Counts ``ok`` (20
 top-1 class), ``rejected_503`` (a fast 503 with Retry-After) and ``errors`` (anything else),
 and records throughput, p50/p99 latency, the mean batch size and the service's CPU use.
 
-The ceiling, ``raw_compute_rps``, is the service's own tail (``load_runtime(...).run``) run by
-torch alone on dequantized batches of the service's ``max_batch_size``, on the service's cores
-with its thread count, while the service idles: before the load and after every level (the
-median counts; each level also gets ``efficiency_nearby`` against the two measurements around
-it, for a machine others share). Efficiency = throughput / that ceiling.
+``--backend`` picks the service's backend (``SPLITSERVE_BACKEND``); several, comma-separated,
+are measured one after the other in one run, each into ``--out/<backend>/``, and compared in
+``service_backends.json`` (throughput and efficiency at 16 clients, and the onnxruntime / torch
+speedup).
+
+The ceiling, ``raw_compute_rps``, is the service's own tail (``load_runtime(...).run``, on the
+same backend) run alone on dequantized batches of the service's ``max_batch_size``, on the
+service's cores with its thread count, while the service idles: before the load and after every
+level (the median counts; each level also gets ``efficiency_nearby`` against the two
+measurements around it, for a machine others share). Efficiency = throughput / that ceiling.
 
 CPU (``--layout``): by default (``isolated``) the service is pinned (taskset) to every core but
 the last and its torch threads follow that count; the load generator (this process: once the
@@ -75,6 +81,7 @@ from shared.models import list_models
 __all__ = ["add_arguments", "run"]
 
 CONTAMINATED_LOAD = 0.5  # 1-minute load average above which the machine was not idle
+SPEEDUP_BAR = 1.5  # issue 10: onnxruntime's throughput at 16 clients over torch's, same run
 RAW_SPREAD = 0.1  # raw measurements further apart than this: something else used the CPU
 
 Tail = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
@@ -95,6 +102,17 @@ def _levels(text: str) -> list[int]:
     if min(levels) < 1:
         raise argparse.ArgumentTypeError(f"levels must be >= 1, got {text!r}")
     return levels
+
+
+def _backends(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    known = ("onnxruntime", "torch")  # cloud_server.backend.BACKENDS, without importing it here
+    bad = [n for n in names if n not in known]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"comma-separated, each once, from {', '.join(known)}; got {text!r}"
+        )
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,6 +158,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ):
         p.add_argument(flag, type=kind, help="service setting (default: the service's)")
     p.add_argument(
+        "--backend",
+        type=_backends,
+        default=None,
+        help="the service's backend, or several comma-separated to measure them one after the "
+        "other in one run (e.g. torch,onnxruntime); default: the service's",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench/results"),
@@ -183,12 +208,16 @@ def _service_settings(args: argparse.Namespace, layout: CpuLayout) -> dict[str, 
         "request_timeout_s": settings.request_timeout_s,
         "threads": settings.threads,
         "log_level": settings.log_level,
+        "backend": settings.backend,
+        "bundle_dir": str(settings.bundle_root()),
     }
 
 
-def _command(args: argparse.Namespace, warmup: float, duration: float, raw_s: float) -> str:
+def _command(
+    args: argparse.Namespace, warmup: float, duration: float, raw_s: float, backends: list[str]
+) -> str:
     parts = [
-        f"python -m bench service --model {args.model}",
+        f"python -m bench service --model {args.model} --backend {','.join(backends)}",
         f"--concurrency {','.join(map(str, args.concurrency))}",
         f"--warmup {warmup:g} --duration {duration:g} --raw-seconds {raw_s:g}",
         f"--timeout {args.timeout:g} --layout {args.layout}",
@@ -206,26 +235,98 @@ def _command(args: argparse.Namespace, warmup: float, duration: float, raw_s: fl
 
 
 def run(args: argparse.Namespace) -> int:
+    """One backend: ``service.json``, ``.md`` and ``.png`` in ``--out``. Several: each backend's
+    in ``--out/<backend>/``, one after the other, and ``service_backends.json`` comparing them."""
+    console = report.make_console()
+    layout = _layout(args)
+    settings = _service_settings(args, layout)
+    backends = args.backend or [settings["backend"]]
+    args.out.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of measuring
+    if len(backends) == 1:
+        _run_backend(
+            args, console, layout, {**settings, "backend": backends[0]}, args.out, backends
+        )
+        return 0
+    docs = {}
+    for backend in backends:
+        console.rule(f"backend {backend}")
+        docs[backend] = _run_backend(
+            args, console, layout, {**settings, "backend": backend}, args.out / backend, backends
+        )
+    comparison = _compare(docs)
+    path = report.write_json(args.out / "service_backends.json", comparison)
+    for backend, row in comparison["backends"].items():
+        console.print(
+            f"{backend}: raw {row['raw_compute_rps']:.1f}/s, {row['throughput_rps']}/s at "
+            f"{BAR['efficiency_at']} clients, efficiency {row['efficiency']}"
+        )
+    if comparison["speedup"] is not None:
+        console.print(
+            f"onnxruntime / torch throughput at {BAR['efficiency_at']} clients: "
+            f"{comparison['speedup']:.2f}x (bar >= {SPEEDUP_BAR}x)"
+        )
+    console.print(f"wrote {path}")
+    return 0
+
+
+def _compare(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Raw compute, throughput and efficiency at the bar's concurrency, per backend."""
+    rows: dict[str, dict[str, Any]] = {}
+    for backend, doc in docs.items():
+        at = [r for r in doc["runs"] if r["concurrency"] == BAR["efficiency_at"]]
+        rows[backend] = {
+            "raw_compute_rps": doc["raw_compute_rps"],
+            "throughput_rps": at[0]["throughput_rps"] if at else None,
+            "efficiency": doc["bar"]["efficiency"],
+            "load_average_1m_at_start": doc["load_average_1m_at_start"],
+        }
+    ort, tch = rows.get("onnxruntime"), rows.get("torch")
+    speedup = None
+    if ort and tch and ort["throughput_rps"] and tch["throughput_rps"]:
+        speedup = round(ort["throughput_rps"] / tch["throughput_rps"], 3)
+    return {
+        "at_clients": BAR["efficiency_at"],
+        "backends": rows,
+        "speedup": speedup,
+        "speedup_bar": SPEEDUP_BAR,
+        "speedup_met": None if speedup is None else speedup >= SPEEDUP_BAR,
+    }
+
+
+def _run_backend(
+    args: argparse.Namespace,
+    console: Console,
+    layout: CpuLayout,
+    settings: dict[str, Any],
+    out: Path,
+    backends: list[str],
+) -> dict[str, Any]:
     warmup = args.warmup or (1.0 if args.quick else 3.0)
     duration = args.duration or (4.0 if args.quick else 12.0)
     raw_s = args.raw_seconds or (1.0 if args.quick else 3.0)
-    command = _command(args, warmup, duration, raw_s)
-    args.out.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of measuring
+    command = _command(args, warmup, duration, raw_s, backends)
+    out.mkdir(parents=True, exist_ok=True)
     load_1m = os.getloadavg()[0]
-    console = report.make_console()
     if load_1m > CONTAMINATED_LOAD:
         console.print(f"[yellow]load average {load_1m:.2f}: the machine is busy[/]")
     started = time.perf_counter()
-    layout = _layout(args)
-    settings = _service_settings(args, layout)
-    with console.status(f"loading {args.model} and encoding frames"):
+    backend = settings["backend"]
+    with console.status(f"loading {args.model} ({backend}) and encoding frames"):
         from cloud_server.runtime import load_runtime  # installed: _service_settings checked
 
         device = DeviceRuntime(args.model)
         point = device.point(args.split) if args.split is not None else device.middle_point()
         frames = encode_frames(device, point, sample_photos())
         decoded = server_inputs(device, point, frames)
-        served = load_runtime(args.model, profile_repeats=0)  # the very tails the service runs
+        # The very tails the service runs, on the same backend and thread count (an onnxruntime
+        # bundle is exported here once and the service then finds it in the cache).
+        served = load_runtime(
+            args.model,
+            profile_repeats=0,
+            backend=backend,
+            threads=settings["threads"],
+            bundle_root=Path(settings["bundle_dir"]),
+        )
 
     def tail(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return served.run(point.name, inputs)
@@ -263,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     title = (
         f"{args.model}, tail of {point.name}: service on cpu {sorted(layout.service)} "
-        f"({settings['threads']} torch thread(s)), raw {raw_rps:.0f}/s at batch "
+        f"({backend}, {settings['threads']} thread(s)), raw {raw_rps:.0f}/s at batch "
         f"{settings['max_batch_size']}"
     )
     report.print_table(title, HEADERS, table_rows(runs, raw_rps), align=ALIGN, console=console)
@@ -286,9 +387,10 @@ def run(args: argparse.Namespace) -> int:
         load_average_1m_at_end=round(os.getloadavg()[0], 2),
         elapsed_s=round(elapsed, 1),
         torch=torch.__version__,
+        backend=backend,
     )
     intro = (
-        f"Raw batched compute: the service's own tail, torch alone, batch "
+        f"Raw batched compute: the service's own tail, {backend} alone, batch "
         f"{settings['max_batch_size']}, {settings['threads']} thread(s) on cpu "
         f"{sorted(layout.service)}: **{raw_rps:.1f} samples/s** (median of "
         f"{len(raw)} measurements, {min(raw):.0f}-{max(raw):.0f}). Efficiency = throughput / "
@@ -296,22 +398,22 @@ def run(args: argparse.Namespace) -> int:
         f"{load_1m:.2f}."
     )
     paths = [
-        report.write_json(args.out / "service.json", doc),
+        report.write_json(out / "service.json", doc),
         report.write_text(
-            args.out / "service.md",
+            out / "service.md",
             markdown(
                 runs,
                 raw_rps,
-                heading=f"Service under load: {args.model}, split {point.name}",
+                heading=f"Service under load: {args.model}, split {point.name}, {backend}",
                 intro=intro,
                 command=command,
             ),
         ),
-        plot(runs, raw_rps, args.out / "service.png", title),
+        plot(runs, raw_rps, out / "service.png", title),
     ]
     _print_bar(console, doc["bar"])
     console.print(f"measured in {elapsed:.0f} s; wrote " + ", ".join(map(str, paths)))
-    return 0
+    return doc
 
 
 def _print_bar(console: Console, bar: dict[str, Any]) -> None:
@@ -369,6 +471,8 @@ def _service(
         "SPLITSERVE_MAX_QUEUE_DELAY_MS": str(settings["max_queue_delay_ms"]),
         "SPLITSERVE_MAX_QUEUE": str(settings["max_queue"]),
         "SPLITSERVE_PROFILE_REPEATS": "1",  # each level warms up under load anyway
+        "SPLITSERVE_BACKEND": settings["backend"],
+        "SPLITSERVE_BUNDLE_DIR": settings["bundle_dir"],
     }
     taskset = shutil.which("taskset")
     if taskset is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cloud_server.app import create_app
+from cloud_server.backend import BACKENDS
 from cloud_server.server import serve
 from cloud_server.settings import Settings
 from shared import cliargs
@@ -27,7 +28,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="bind port (default 8000)")
     p.add_argument("--models", help="comma-separated: name or name=/path/to/checkpoint.pth")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--threads", type=int, help="torch threads (default: follow the CPU limit)")
+    p.add_argument("--threads", type=int,
+                   help="intra-op threads of the backend (default: follow the CPU limit)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="what runs tails and the whole model (default onnxruntime)")
+    p.add_argument("--bundle-dir", help="the ONNX bundle cache (default ~/.cache/splitserve/"
+                   "bundles)")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
     return p.parse_args(argv)

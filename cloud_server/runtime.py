@@ -1,4 +1,5 @@
-"""One served model: its weights, its split points, a tail for every one, and measured costs."""
+"""One served model: its weights, its split points, the backend that runs its tails, and measured
+costs."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from torch import fx, nn
 
+from cloud_server.backend import BACKENDS, Backend
+from cloud_server.backend_torch import TorchBackend
 from shared import codec, wire
 from shared.candidates import WHOLE_MODEL
+from shared.errors import BundleMismatchError, ConfigError
 from shared.inbound import decode_frame
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.partition import Partitioner, SplitPoint
@@ -47,11 +51,10 @@ class ModelRuntime:
 
     name: str
     spec: ModelSpec
-    model: nn.Module
     fingerprint: str
     labels: tuple[str, ...]
     points: list[SplitPoint]
-    tails: dict[str, fx.GraphModule]
+    backend: Backend  # runs the tails and the whole model (cloud_server.backend)
     partitioner: Partitioner
     # Decode + compute at batch 1 in ms, per split point name and for WHOLE_MODEL; profiled at
     # start-up, then refreshed from live traffic.
@@ -88,13 +91,9 @@ class ModelRuntime:
         return preprocess(image, pre)
 
     def run(self, key: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Run the tail of split point ``key``, or the whole model for WHOLE_MODEL."""
-        module = self.model if key == WHOLE_MODEL else self.tails[key]
-        with torch.inference_mode():
-            out = module(*inputs)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{self.name} returned {type(out).__name__}, expected logits")
-        return out
+        """Run the tail of split point ``key``, or the whole model for WHOLE_MODEL, with the
+        runtime's backend."""
+        return self.backend.run(key, inputs)
 
     def observe(self, key: str, ms: float) -> None:
         """Fold one live request's decode + compute time into the published profile."""
@@ -165,10 +164,18 @@ def keep_freed_memory() -> bool:
                 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
 
 
-def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int = 5
+def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int = 5,
+                 backend: str = "torch", threads: int = 1, bundle_root: Path | None = None
                  ) -> ModelRuntime:
-    """Build the model, trace it, make a tail for every split point, warm up and profile.
-    Also tunes the allocator for repeated forward passes (``keep_freed_memory``)."""
+    """Build the model, trace it, make the ``backend`` that runs its tails, warm up and profile.
+    Also tunes the allocator for repeated forward passes (``keep_freed_memory``).
+
+    ``torch``: a tail for every split point from the fx partition. ``onnxruntime``: the bundle of
+    these weights under ``bundle_root`` (``cloud_server.bundles.service_bundle``: exported from
+    the same partition on first use, then reused), run with ``threads`` intra-op threads.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if not keep_freed_memory():
         log.info("malloc left at its defaults (not glibc, or MALLOC_* set by the environment)")
     spec = get_spec(name)
@@ -176,12 +183,31 @@ def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int 
     example = torch.zeros(spec.input_shape)
     part = Partitioner(model, example)
     points = part.points
-    tails = {p.name: part.split(p)[1] for p in points}
+    fp = fingerprint(model)
+    engine: Backend
+    if backend == "onnxruntime":
+        engine = _onnx_backend(name, fp, weights, points, threads=threads, root=bundle_root)
+    else:
+        engine = TorchBackend(model, {p.name: part.split(p)[1] for p in points})
     labels = imagenet_labels() if spec.num_classes == 1000 else tuple(
         f"class {i}" for i in range(spec.num_classes))
-    runtime = ModelRuntime(name=name, spec=spec, model=model, fingerprint=fingerprint(model),
-                           labels=labels, points=points, tails=tails, partitioner=part)
+    runtime = ModelRuntime(name=name, spec=spec, fingerprint=fp, labels=labels, points=points,
+                           backend=engine, partitioner=part)
     runtime.profile(profile_repeats)
-    log.info("loaded %s (weights %s): %d split points", name, runtime.fingerprint, len(points))
+    log.info("loaded %s (weights %s, %s): %d split points", name, runtime.fingerprint,
+             engine.name, len(points))
     return runtime
+
+
+def _onnx_backend(name: str, fp: str, weights: str | None, points: list[SplitPoint], *,
+                  threads: int, root: Path | None) -> Backend:
+    from cloud_server.backend_onnx import OnnxBackend  # onnxruntime: only for this backend
+    from cloud_server.bundles import service_bundle
+
+    bundle = service_bundle(name, fp, weights=weights, root=root)
+    exported = [(p.name, p.index) for p in bundle.points]
+    if exported != [(p.name, p.index) for p in points]:
+        raise BundleMismatchError(f"bundle {bundle.root} has other split points than the "
+                                  f"partition of {name}: export it again")
+    return OnnxBackend(bundle, threads=threads)
 

@@ -37,7 +37,8 @@ class Service:
         self.queue_ms = 0.0
         self._ready = threading.Event()
         self._loader = loader or (lambda name, weights: load_runtime(
-            name, weights, profile_repeats=settings.profile_repeats))
+            name, weights, profile_repeats=settings.profile_repeats, backend=settings.backend,
+            threads=settings.torch_threads(), bundle_root=settings.bundle_root()))
         self.batcher = Batcher(self._run, max_batch_size=settings.max_batch_size,
                                max_queue_delay_ms=settings.max_queue_delay_ms,
                                max_queue=settings.max_queue, on_batch=self._on_batch)

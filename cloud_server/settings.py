@@ -8,14 +8,18 @@ Five names are fixed because operators script against them: ``SPLITSERVE_API_KEY
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cloud_server.bundles import default_root
 from shared.cpu import cpu_limit
 
 __all__ = ["Settings", "get_settings"]
+
+_BACKENDS = ("onnxruntime", "torch")  # cloud_server.backend.BACKENDS (which imports torch)
 
 
 class Settings(BaseSettings):
@@ -52,12 +56,25 @@ class Settings(BaseSettings):
     image_memory_budget_bytes: int = Field(384 * 2**20, ge=2**20)
     # Free heap goes back to the OS once the service has been idle this long (0: never).
     trim_idle_s: float = Field(1.0, ge=0, le=3600)
+    # What runs tails and the whole model: ONNX Runtime on the service's own exported bundle, or
+    # torch eager on the fx partition. Default: the faster in ``python -m bench service``.
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    # Root of the service's bundle cache, one <model>-<fingerprint>/ each ("": the user cache).
+    bundle_dir: str = ""
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _known_backend(cls, value: object) -> object:
+        # Literal's own message does not say what was given; an operator's typo should show.
+        if isinstance(value, str) and value not in _BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; valid: {', '.join(_BACKENDS)}")
         return value
 
     @field_validator("image_memory_budget_bytes")
@@ -84,7 +101,12 @@ class Settings(BaseSettings):
         return out
 
     def torch_threads(self) -> int:
+        """Intra-op threads of either backend: ``threads``, else the CPU limit."""
         return self.threads or cpu_limit()
+
+    def bundle_root(self) -> Path:
+        """``bundle_dir``, else ``cloud_server.bundles.default_root()``."""
+        return Path(self.bundle_dir).expanduser() if self.bundle_dir else default_root()
 
 
 @lru_cache

@@ -26,6 +26,18 @@ MODEL = "efficientnet_lite0"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One ONNX bundle cache for the session's services (``SPLITSERVE_BUNDLE_DIR``), so the
+    onnxruntime backend exports each model once per session and never into the user's cache."""
+    old = os.environ.get("SPLITSERVE_BUNDLE_DIR")
+    path = old or str(tmp_path_factory.mktemp("bundles"))
+    os.environ["SPLITSERVE_BUNDLE_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("SPLITSERVE_BUNDLE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
     """scikit-image's bundled photos: chelsea, coffee, astronaut, rocket, motorcycle."""

@@ -375,3 +375,40 @@ def test_allocator_tuning_defers_to_the_operator(
 
     monkeypatch.setenv(name, value)
     assert keep_freed_memory() is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("torch", ["torch"]), ("torch,onnxruntime", ["torch", "onnxruntime"])],
+    ids=["one", "two"],
+)
+def test_backend_flag_takes_one_or_several(text: str, expected: list[str]) -> None:
+    from bench.service import _backends
+
+    assert _backends(text) == expected
+
+
+@pytest.mark.parametrize("text", ["tensorrt", "torch,torch", ""], ids=["unknown", "twice", "none"])
+def test_backend_flag_refuses_bad_lists(text: str) -> None:
+    import argparse
+
+    from bench.service import _backends
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _backends(text)
+
+
+def test_backends_compared_at_the_bar_concurrency() -> None:
+    from bench.service import _compare
+
+    def doc(raw: float, rps: float, eff: float) -> dict[str, object]:
+        return {
+            "raw_compute_rps": raw,
+            "runs": [{"concurrency": 16, "throughput_rps": rps}],
+            "bar": {"efficiency": eff},
+            "load_average_1m_at_start": 0.1,
+        }
+
+    out = _compare({"torch": doc(90, 70, 0.78), "onnxruntime": doc(150, 126, 0.84)})
+    assert out["speedup"] == 1.8 and out["speedup_met"] is True
+    assert out["backends"]["onnxruntime"]["throughput_rps"] == 126

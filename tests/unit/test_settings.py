@@ -53,8 +53,9 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         ({}, ["--models", "alexnet"], "no model named 'alexnet'"),
         ({}, ["--models", "resnet18=/nonexistent.pth"], "not found"),
         ({"SPLITSERVE_SSL_CERTFILE": "/c.pem"}, [], "go together"),
+        ({"SPLITSERVE_BACKEND": "tensorrt"}, [], "unknown backend 'tensorrt'"),
     ],
-    ids=["batch", "port", "model", "weights", "ssl"],
+    ids=["batch", "port", "model", "weights", "ssl", "backend"],
 )
 def test_bad_settings_are_one_clear_error(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], args: list[str], message: str
@@ -75,6 +76,46 @@ def test_service_cli_error_is_one_line() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("cloud_server: error:")
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "args"),
+    [({"SPLITSERVE_BACKEND": "tensorrt"}, []), ({}, ["--backend", "tensorrt"])],
+    ids=["env", "flag"],
+)
+def test_unknown_backend_is_one_line_and_exit_2(env: dict[str, str], args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cloud_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert line.startswith("cloud_server: error:") and "backend" in line and "tensorrt" in line
+    assert "Traceback" not in line and line.count("\n") == 0
+
+
+def test_backend_and_bundle_dir_from_environment_and_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("SPLITSERVE_BACKEND", raising=False)
+    monkeypatch.delenv("SPLITSERVE_BUNDLE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    from cloud_server import settings as settings_module
+    from cloud_server.backend import BACKENDS
+
+    assert settings_module._BACKENDS == BACKENDS
+    default = Settings()
+    assert default.backend == "onnxruntime"
+    assert default.bundle_root() == tmp_path / "xdg" / "splitserve" / "bundles"
+    monkeypatch.setenv("SPLITSERVE_BACKEND", "torch")
+    monkeypatch.setenv("SPLITSERVE_BUNDLE_DIR", str(tmp_path / "b"))
+    s = Settings()
+    assert (s.backend, s.bundle_root()) == ("torch", tmp_path / "b")
+    flags = load_settings(_parse(["--backend", "onnxruntime", "--bundle-dir", str(tmp_path)]))
+    assert (flags.backend, flags.bundle_root()) == ("onnxruntime", tmp_path)
 
 
 def test_threads_follow_the_cgroup_cpu_quota() -> None:
