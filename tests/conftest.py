@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 # The tests, the services they start and the CLIs they run share two cores. torch's default of
 # one spinning thread per core in each process oversubscribes them, and a busy-waiting thread
@@ -49,8 +50,16 @@ def local_top1(device_runtime: DeviceRuntime, photos: dict[str, Image.Image]) ->
 
 
 @pytest.fixture(scope="session")
-def live_service() -> Iterator[LocalService]:
+def service_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``SPLITSERVE_BUNDLE_DIR`` of the session's services: one export (~10 s) serves them all,
+    and none writes into the user's cache."""
+    return tmp_path_factory.mktemp("service-bundles")
+
+
+@pytest.fixture(scope="session")
+def live_service(service_bundle_dir: Path) -> Iterator[LocalService]:
     """The real service, ``python -m cloud_server --host 127.0.0.1 --port <free>``, for the
     whole session. Tests that break or stop a service start their own."""
-    with LocalService(models=[MODEL], env={"SPLITSERVE_PROFILE_REPEATS": "1"}) as service:
+    env = {"SPLITSERVE_PROFILE_REPEATS": "1", "SPLITSERVE_BUNDLE_DIR": str(service_bundle_dir)}
+    with LocalService(models=[MODEL], env=env) as service:
         yield service
