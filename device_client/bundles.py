@@ -15,7 +15,8 @@ the cache entry, unpacked there with nothing but plain files allowed (no absolut
 fingerprint, every sha256) and only then renamed into place. A download that fails any of that
 is refused with one ``BundleError`` line and the cached bundle, if any, is left as it was.
 
-Needs no torch.
+Imports no torch itself (``device_client.client`` still does, through ``shared.wire``: the
+torch-free device's work).
 """
 
 from __future__ import annotations

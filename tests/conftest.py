@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 # The tests, the services they start and the CLIs they run share two cores. torch's default of
 # one spinning thread per core in each process oversubscribes them, and a busy-waiting thread
@@ -25,6 +24,18 @@ from shared.preprocess import preprocess
 
 MODEL = "efficientnet_lite0"
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One ONNX bundle cache for the session's services (``SPLITSERVE_BUNDLE_DIR``), so the
+    onnxruntime backend exports each model once per session and never into the user's cache."""
+    old = os.environ.get("SPLITSERVE_BUNDLE_DIR")
+    path = old or str(tmp_path_factory.mktemp("bundles"))
+    os.environ["SPLITSERVE_BUNDLE_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("SPLITSERVE_BUNDLE_DIR", None)
 
 
 @pytest.fixture(scope="session")
@@ -50,16 +61,8 @@ def local_top1(device_runtime: DeviceRuntime, photos: dict[str, Image.Image]) ->
 
 
 @pytest.fixture(scope="session")
-def service_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``SPLITSERVE_BUNDLE_DIR`` of the session's services: one export (~10 s) serves them all,
-    and none writes into the user's cache."""
-    return tmp_path_factory.mktemp("service-bundles")
-
-
-@pytest.fixture(scope="session")
-def live_service(service_bundle_dir: Path) -> Iterator[LocalService]:
+def live_service() -> Iterator[LocalService]:
     """The real service, ``python -m cloud_server --host 127.0.0.1 --port <free>``, for the
     whole session. Tests that break or stop a service start their own."""
-    env = {"SPLITSERVE_PROFILE_REPEATS": "1", "SPLITSERVE_BUNDLE_DIR": str(service_bundle_dir)}
-    with LocalService(models=[MODEL], env=env) as service:
+    with LocalService(models=[MODEL], env={"SPLITSERVE_PROFILE_REPEATS": "1"}) as service:
         yield service
