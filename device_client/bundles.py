@@ -33,7 +33,13 @@ from pathlib import Path, PurePosixPath
 
 from device_client.client import Download, ServiceClient
 from shared.bundle import MANIFEST_NAME, Bundle, load_bundle
-from shared.errors import BundleError, ConfigError, ServiceUnavailableError
+from shared.errors import (
+    BundleError,
+    BundleMismatchError,
+    BundleVersionError,
+    ConfigError,
+    ServiceUnavailableError,
+)
 
 __all__ = ["CACHE_ENV", "ETAG_NAME", "MAX_ARCHIVE_BYTES", "bundle_cache_dir", "cache_root",
            "extract_archive", "fetch_bundle", "use_bundle"]
@@ -124,6 +130,14 @@ async def fetch_bundle(client: ServiceClient, model: str, fingerprint: str, *,
         except BundleError as exc:
             reason = (str(exc).replace(f"bundle {unpacked}", "the archive")
                       .replace(f"{unpacked}/", "").replace(str(unpacked), "the archive"))
+            # load_bundle's advice ("export it again") is for whoever exported it; a device
+            # can only ask the service for what it serves.
+            reason = reason.replace(": export it again from these weights", "").replace(
+                ": export it again", "")
+            if isinstance(exc, BundleMismatchError):
+                reason += f" (the service serves other weights: see GET /v2/models/{model})"
+            elif isinstance(exc, BundleVersionError):
+                reason += " (update splitserve here or on the service)"
             raise type(exc)(f"refused {source}: {reason}{kept}") from None
         if download.etag:
             (unpacked / ETAG_NAME).write_text(download.etag, encoding="utf-8")
