@@ -9,6 +9,7 @@ while the work goes on, so a device polls instead of holding a connection throug
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from cloud_server.bundles import service_bundle
 from cloud_server.middleware import bearer
 from cloud_server.service import ServiceDep
 from cloud_server.settings import Settings
-from shared.errors import NotReadyError
+from shared.errors import BundleError, NotReadyError
 from shared.schemas import ErrorBody
 
 __all__ = ["BundleShelf", "router", "shelf_for"]
@@ -29,6 +30,7 @@ router = APIRouter(tags=["models"], dependencies=[Security(bearer)])
 
 WAIT_S = 2.0  # a ready bundle's first archive takes well under this; an export takes longer
 RETRY_AFTER_S = 5.0
+FAILED_FOR_S = 60.0  # a failed export is answered from memory this long, then tried again
 
 #: ``(model, fingerprint, weights) -> Archive``; blocking, run in a worker thread.
 Prepare = Callable[[str, str, str | None], Archive]
@@ -36,15 +38,19 @@ Prepare = Callable[[str, str, str | None], Archive]
 
 class BundleShelf:
     """The archives the service hands out, one per (model, fingerprint), each prepared once
-    off the event loop. A failed preparation is forgotten, so the next request tries again."""
+    off the event loop. A failed preparation is answered as such (500) for ``failed_for_s``,
+    then tried again."""
 
     def __init__(self, prepare: Prepare, *, wait_s: float = WAIT_S,
-                 retry_after_s: float = RETRY_AFTER_S) -> None:
+                 retry_after_s: float = RETRY_AFTER_S, failed_for_s: float = FAILED_FOR_S
+                 ) -> None:
         self._prepare = prepare
         self._wait_s = wait_s
         self._retry_after_s = retry_after_s
+        self._failed_for_s = failed_for_s
         self._ready: dict[tuple[str, str], Archive] = {}
         self._pending: dict[tuple[str, str], asyncio.Future[Archive]] = {}
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
 
     async def archive(self, model: str, fingerprint: str, weights: str | None) -> Archive:
         """The archive, or ``NotReadyError`` (503) while it is still being prepared."""
@@ -52,6 +58,10 @@ class BundleShelf:
         done = self._ready.get(key)
         if done is not None and done.path.is_file():
             return done
+        failed = self._failed.get(key)
+        if failed is not None and time.monotonic() < failed[0] + self._failed_for_s:
+            # Devices poll; a failing export must not start again for every poll.
+            raise BundleError(f"the {model} bundle could not be prepared: {failed[1]}")
         task = self._pending.get(key)
         if task is None:
             task = asyncio.ensure_future(
@@ -68,8 +78,14 @@ class BundleShelf:
 
     def _settle(self, key: tuple[str, str], task: asyncio.Future[Archive]) -> None:
         self._pending.pop(key, None)
-        if not task.cancelled() and task.exception() is None:  # exception(): retrieved, logged
-            self._ready[key] = task.result()                   # by whoever awaited it
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here; logged by whoever awaited the task
+        if exc is None:
+            self._ready[key] = task.result()
+            self._failed.pop(key, None)
+        else:
+            self._failed[key] = (time.monotonic(), str(exc) or type(exc).__name__)
 
 
 def service_prepare(settings: Settings) -> Prepare:

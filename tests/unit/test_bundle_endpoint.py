@@ -20,6 +20,7 @@ from cloud_server.routers.bundle import BundleShelf
 from cloud_server.runtime import ModelRuntime
 from cloud_server.settings import Settings
 from shared.bundle import load_bundle
+from shared.errors import ExportError
 from tests.support.bundles import TINY_FINGERPRINT, TINY_MODEL, write_tiny_bundle
 
 
@@ -102,3 +103,26 @@ async def _keyed(client: httpx.AsyncClient, release: threading.Event,
 def test_the_bundle_needs_the_api_key_like_other_model_endpoints(tmp_path: Path) -> None:
     _scenario(tmp_path, Settings(models=(TINY_MODEL,), api_keys=("sesame",)),  # type: ignore[arg-type]
               _keyed)
+
+
+def test_a_failed_export_is_reported_and_not_retried_at_every_poll(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def broken(model: str, fingerprint: str, weights: str | None) -> Archive:
+        calls.append(model)
+        raise ExportError("head_003.onnx disagrees with torch")
+
+    async def go() -> None:
+        app = create_app(Settings(models=(TINY_MODEL,)), loader=_loader)
+        app.state.bundle_shelf = BundleShelf(broken, wait_s=5)
+        async with app.router.lifespan_context(app):
+            await asyncio.to_thread(app.state.service.wait_ready, 10)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for _ in range(3):
+                    got = await client.get(f"/v2/models/{TINY_MODEL}/bundle")
+                    assert got.status_code == 500
+                    assert "head_003.onnx disagrees with torch" in got.json()["error"]
+
+    asyncio.run(go())
+    assert calls == [TINY_MODEL]
