@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 
 from cloud_server.errors import install_error_handlers
 from cloud_server.middleware import ActivityMiddleware, AuthMiddleware, BodyLimitMiddleware
-from cloud_server.routers import docs, health, infer, metrics, models
+from cloud_server.routers import bundle, docs, health, infer, metrics, models
 from cloud_server.service import Loader, Service
 from cloud_server.settings import Settings, get_settings
 from shared.schemas import OipRequest
@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
                   description="Split inference: the device runs the head of a vision model, "
                               "this service runs the tail.")
     app.state.service = service
-    for module in (health, models, infer, metrics, docs):
+    app.state.bundle_shelf = bundle.BundleShelf(bundle.service_prepare(settings))
+    for module in (health, models, bundle, infer, metrics, docs):
         app.include_router(module.router)
     install_error_handlers(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]

@@ -40,6 +40,10 @@ class Metrics:
         self.received_bytes = Counter(
             "splitserve_received_bytes", "Request body bytes received by inference endpoints",
             ["model", "split"], registry=r)
+        self.bundle_requests = Counter(
+            "splitserve_bundle_requests", "Bundle downloads by model and status (200 sent, "
+            "304 the device's copy was current, 503 still being exported)",
+            ["model", "status"], registry=r)
         self.queue_depth = Gauge(
             "splitserve_queue_depth", "Requests waiting for a forward pass", registry=r)
         self.queue_depth.set_function(queue_depth)

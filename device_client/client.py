@@ -14,13 +14,14 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
 from shared.errors import (
     AuthError,
+    BundleError,
     ConfigError,
     ServiceRejectedError,
     ServiceUnavailableError,
@@ -29,11 +30,21 @@ from shared.predictions import Prediction
 from shared.schemas import ErrorBody, InferResponse, ModelMetadata, ProbeResponse, parse
 from shared.wire import CONTENT_TYPE
 
-__all__ = ["API_KEY_ENV", "Reply", "ServiceClient", "tls_verify"]
+__all__ = ["API_KEY_ENV", "Download", "Reply", "ServiceClient", "tls_verify"]
 
 API_KEY_ENV = "SPLITSERVE_API_KEY"
 
 Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Download:
+    """What a bundle download did: ``modified`` False for a 304 (nothing written), the ETag the
+    service sent, and the bytes written."""
+
+    modified: bool
+    etag: str | None
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,42 @@ class ServiceClient:
         round_trip_ms = (time.perf_counter() - started) * 1e3
         return round_trip_ms, self._parse(ProbeResponse, response).server_ms
 
+    async def download_bundle(self, model: str, into: BinaryIO, *, etag: str | None = None,
+                              max_bytes: int) -> Download:
+        """Stream ``GET /v2/models/{model}/bundle`` into ``into``, sending ``If-None-Match``
+        with ``etag`` when given. At most ``max_bytes`` are written (``BundleError``
+        past that, before or while reading). A 304 writes nothing."""
+        headers = {"If-None-Match": etag} if etag else {}
+        try:
+            async with self._http.stream("GET", f"/v2/models/{model}/bundle",
+                                         headers=headers) as response:
+                if response.status_code == 304:
+                    return Download(modified=False, etag=etag, size_bytes=0)
+                if response.status_code >= 400:
+                    await response.aread()
+                    self._raise_for(response)
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise BundleError(f"the bundle from {self.base_url} is "
+                                               f"{int(declared):,} bytes, over the limit of "
+                                               f"{max_bytes:,}")
+                size = 0
+                async for chunk in response.aiter_raw():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise BundleError(f"the bundle from {self.base_url} exceeds "
+                                                   f"the limit of {max_bytes:,} bytes")
+                    into.write(chunk)
+                return Download(modified=True, etag=response.headers.get("etag"),
+                                size_bytes=size)
+        except httpx.TimeoutException as exc:
+            raise ServiceUnavailableError(f"{self.base_url} did not answer in time",
+                                          reason="timeout") from exc
+        except httpx.TransportError as exc:
+            detail = str(exc) or type(exc).__name__
+            raise ServiceUnavailableError(f"cannot reach {self.base_url}: {detail}",
+                                          reason="connection") from exc
+
     async def _infer(self, path: str, body: bytes, content_type: str, timeout_s: float | None,
                      top_k: int) -> Reply:
         headers = {"Content-Type": content_type}
@@ -172,6 +219,10 @@ class ServiceClient:
                                           reason="connection") from exc
         if response.status_code < 400:
             return response
+        self._raise_for(response)
+
+    def _raise_for(self, response: httpx.Response) -> NoReturn:
+        """The error a 4xx or 5xx answer stands for."""
         message = _error_message(response)
         status = response.status_code
         if status in (401, 403):
@@ -180,7 +231,8 @@ class ServiceClient:
         if status >= 500:
             reason = "overloaded" if status == 503 else f"http_{status}"
             raise ServiceUnavailableError(f"{self.base_url} answered {status}: {message}",
-                                          status=status, reason=reason)
+                                          status=status, reason=reason,
+                                          retry_after_s=_retry_after_s(response))
         raise ServiceRejectedError(f"{self.base_url} answered {status}: {message}", status=status)
 
 
@@ -196,6 +248,12 @@ def tls_verify(ca_cert: str | None) -> ssl.SSLContext | bool:
         return ssl.create_default_context(cafile=ca_cert)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot use CA certificate {ca_cert!r}: {exc}") from exc
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    # Seconds only: the HTTP-date form would need the two clocks to agree.
+    return float(value) if value.isdigit() else None
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -175,10 +175,12 @@ class ServiceUnavailableError(ClientError):
     The device can still finish the inference locally.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, reason: str = "error") -> None:
+    def __init__(self, message: str, *, status: int | None = None, reason: str = "error",
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.retry_after_s = retry_after_s  # the service's Retry-After, when it sent one
 
 
 class ServiceRejectedError(ClientError):
