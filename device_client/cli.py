@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from device_client.export_cmd import add_parser as add_export_parser
 from device_client.export_cmd import run as run_export
 from device_client.pipeline import Device
 from device_client.plan_cmd import device_profile, run_plan, run_profile
+from device_client.profile import measure_candidate
 from device_client.results import InferenceResult
 from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared import cliargs
@@ -145,7 +147,9 @@ async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: Enco
         auto = None
         if args.split == AUTO:
             auto = AutoSplit(client, device_profile(runtime, options,
-                                                    jpeg_quality=args.jpeg_quality)[0])
+                                                    jpeg_quality=args.jpeg_quality)[0],
+                             remeasure=partial(measure_candidate, runtime, options=options,
+                                               jpeg_quality=args.jpeg_quality))
         device = Device(runtime, client if needs_service else None, options=options,
                         jpeg_quality=args.jpeg_quality, timeout_s=args.timeout,
                         fallback=not args.no_fallback, auto=auto)
