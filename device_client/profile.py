@@ -6,7 +6,10 @@ for ``device`` the whole model; for ``cloud`` the JPEG encode and size. All on a
 
 Every candidate is timed in the same rounds, one run of each per round (``interleaved_ms``), and
 its figure is a low quantile of its runs: a burst of load then costs every candidate one slow
-run that the quantile drops, instead of every run of whichever head was being measured. Heads
+run that the quantile drops, instead of every run of whichever head was being measured. Each
+run's time leaves out what the kernel reports its threads spent waiting for a CPU another
+process held (unless a CPU quota applies: then that wait is the device's own budget), so a
+busy neighbour does not make the device look slow; auto learns the live slow-down at run time. Heads
 are then made monotone (``monotone_heads``): a head never costs less than a head it contains,
 nor more than the whole model.
 
@@ -42,7 +45,7 @@ from shared.cpu import cgroup_quota
 from shared.errors import ConfigError
 from shared.planner import DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo
-from shared.timing import interleaved_ms, low_quantile
+from shared.timing import interleaved_ms, low_quantile, no_waits, runqueue_waits_ms
 
 __all__ = ["FORMAT", "QUANTILE", "ProfileKey", "ProfiledRuntime", "cache_dir", "load_or_measure",
            "measure", "measure_candidate"]
@@ -180,7 +183,10 @@ def _measure(runtime: ProfiledRuntime, points: Sequence[Any], *, options: Encode
         sizes[point.name] = len(runtime.encode(point, acts, "0123456789abcdef", options))
     for fn in fns.values():
         fn()  # one untimed round: first calls pay lazy allocations
-    samples = interleaved_ms(fns, repeats=repeats)
+    # Under a CPU quota (an emulated board, a container) the waits are the device's own budget,
+    # not neighbours' load: the kernel counts throttled time as run-queue waiting, so keep it.
+    waits = runqueue_waits_ms if cgroup_quota() is None else no_waits
+    samples = interleaved_ms(fns, repeats=repeats, waits=waits)
     ms = {name: low_quantile(runs, QUANTILE) for name, runs in samples.items()}
     whole_ms = ms[DEVICE]
     heads = monotone_heads([ms[_head(p.name)] for p in points], whole_ms)
