@@ -14,7 +14,7 @@ from rich.text import Text
 
 from device_client.client import ServiceClient, tls_verify
 from device_client.link import LinkEstimator, probe
-from device_client.profile import ProfiledRuntime, load_or_measure
+from device_client.profile import REPEATS, ProfiledRuntime, load_or_measure
 from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared.errors import ConfigError
 from shared.planner import DeviceProfile, LinkEstimate, Plan, ServerProfile, choose
@@ -26,7 +26,8 @@ _UNBOUNDED_COLUMNS = 10_000  # wider than any table: rich then sizes it to its c
 
 
 def device_profile(runtime: ProfiledRuntime, options: EncodeOptions, *, jpeg_quality: int = 90,
-                   repeats: int = 5, force: bool = False) -> tuple[DeviceProfile, Path, bool]:
+                   repeats: int = REPEATS, force: bool = False
+                   ) -> tuple[DeviceProfile, Path, bool]:
     """The cached profile, or a measurement with a progress bar on stderr."""
     console = Console(stderr=True)
     total = len(runtime.points) + 2

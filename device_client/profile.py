@@ -47,12 +47,15 @@ from shared.planner import DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo
 from shared.timing import interleaved_ms, low_quantile, no_waits, runqueue_waits_ms
 
-__all__ = ["FORMAT", "QUANTILE", "ProfileKey", "ProfiledRuntime", "cache_dir", "load_or_measure",
-           "measure", "measure_candidate"]
+__all__ = ["FORMAT", "QUANTILE", "REPEATS", "ProfileKey", "ProfiledRuntime", "cache_dir",
+           "load_or_measure", "measure", "measure_candidate"]
 
 CACHE_ENV = "SPLITSERVE_CACHE_DIR"
 FORMAT = 3  # bump when the cached JSON, or how it is measured, changes: older files are ignored
 QUANTILE = 0.2  # of each candidate's runs: see shared.timing.low_quantile
+# Rounds of timed runs: the 20th percentile of 10 lies between the 2nd and 3rd fastest, so two
+# slow runs of a candidate never reach its figure. ~4 s for EfficientNet-Lite0 at one thread.
+REPEATS = 10
 _DISTRIBUTIONS = {"torch": "torch", "onnx": "onnxruntime"}  # runtime -> package to version
 
 Progress = Callable[[str], None]
@@ -146,7 +149,7 @@ def cache_dir() -> Path:
 
 
 def measure(runtime: ProfiledRuntime, *, options: EncodeOptions, jpeg_quality: int = 90,
-            repeats: int = 5, progress: Progress | None = None) -> DeviceProfile:
+            repeats: int = REPEATS, progress: Progress | None = None) -> DeviceProfile:
     """Time every candidate on this device. ``progress(name)`` is called as each one is built
     and warmed up, before the timed rounds."""
     return _measure(runtime, runtime.points, options=options, jpeg_quality=jpeg_quality,
@@ -205,7 +208,7 @@ def _encode(name: str) -> str:
 
 
 def load_or_measure(runtime: ProfiledRuntime, *, options: EncodeOptions, jpeg_quality: int = 90,
-                    repeats: int = 5, force: bool = False, progress: Progress | None = None
+                    repeats: int = REPEATS, force: bool = False, progress: Progress | None = None
                     ) -> tuple[DeviceProfile, Path, bool]:
     """The cached profile if its key and format match, else a fresh measurement saved to the
     cache. Returns ``(profile, path, measured_now)``."""
