@@ -46,7 +46,7 @@ from device_client.client import ServiceClient
 from device_client.link import LinkEstimator, probe
 from device_client.profile_rules import CONTRADICTION_RUNS, contradicted, pin_head
 from device_client.results import InferenceResult
-from shared.errors import ServiceUnavailableError
+from shared.errors import ServiceUnavailableError, SplitServeError
 from shared.planner import (
     CLOUD,
     DEVICE,
@@ -221,7 +221,10 @@ class AutoSplit:
         split, self._suspect = self._suspect, None
         if split is None or self._remeasure is None:
             return
-        fresh = self._remeasure(split)
+        try:
+            fresh = self._remeasure(split)
+        except SplitServeError:
+            return  # keep the profiled figure; its next contradicted runs will try again
         self.profile = _with_fresh(self.profile, fresh, self.speed)
         self._ratios.pop(split, None)
         self._device_view = None

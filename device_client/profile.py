@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
@@ -245,3 +245,11 @@ def _write(path: Path, key: ProfileKey, profile: DeviceProfile, *, repeats: int)
         tmp.replace(path)  # atomic: a crash never leaves half a profile
     except OSError as exc:
         raise ConfigError(f"cannot write the profile cache {path}: {exc}") from exc
+
+
+if TYPE_CHECKING:  # both device runtimes fit the protocol: mypy checks this, nothing runs it
+    from device_client.onnx_runtime import OnnxDeviceRuntime
+    from device_client.runtime import DeviceRuntime
+
+    def _fits(torch_rt: DeviceRuntime, onnx_rt: OnnxDeviceRuntime) -> list[ProfiledRuntime]:
+        return [torch_rt, onnx_rt]
