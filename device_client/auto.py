@@ -19,6 +19,15 @@ arrives while that probe is out waits for it, since the head holds the event loo
 running under it would time the head, not the link.
 The planner's hysteresis keeps the choice from flapping between near-equal candidates.
 
+A profile can be wrong about one candidate: measured while something else ran, its head may be
+10x too dear or too cheap next to the others, and one speed factor cannot fix that. So each
+candidate's live device time is compared with what the plan predicted for it (profile x speed);
+when the last few runs are all beyond 2x or under 0.5x (``profile_rules.contradicted``), the
+candidate is measured again by ``remeasure`` (``device_client.profile.measure_candidate``), off
+the request's path like the planning ahead (after ``observe`` returns, or in ``settle()``), and
+the fresh figure, divided by the current speed so that the planner's product gives it back,
+replaces the profiled one.
+
 ``plan()`` runs just before the chosen candidate, so on a CPU-limited device its own CPU comes
 straight out of the head's budget: costing 27 candidates took 0.4 ms of CPU at 20 % of a core,
 ~2 ms of latency right before the request. So the costing is done ahead, once ``observe`` has
@@ -35,9 +44,11 @@ from dataclasses import replace
 
 from device_client.client import ServiceClient
 from device_client.link import LinkEstimator, probe
+from device_client.profile_rules import CONTRADICTION_RUNS, contradicted, pin_head
 from device_client.results import InferenceResult
-from shared.errors import ServiceUnavailableError
+from shared.errors import ServiceUnavailableError, SplitServeError
 from shared.planner import (
+    CLOUD,
     DEVICE,
     DeviceCost,
     DeviceProfile,
@@ -53,6 +64,8 @@ _EWMA_ALPHA = 0.2  # live figures replace the profile's within ~10 inferences
 _SPEED_MIN_MS = 5.0  # a candidate this cheap on the device says little about its speed
 _SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the factor this far
 
+Remeasure = Callable[[str], DeviceCost]  # a candidate -> its cost measured again, now
+
 
 class AutoSplit:
     """Plans each inference. ``plan()`` before, ``observe(result)`` after.
@@ -66,6 +79,7 @@ class AutoSplit:
     def __init__(self, client: ServiceClient, profile: DeviceProfile, *,
                  estimator: LinkEstimator | None = None, hysteresis: float = 0.1,
                  metadata_ttl_s: float = 30.0, timeout_s: float = 5.0, reprobe_s: float = 300.0,
+                 remeasure: Remeasure | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.profile = profile
@@ -91,6 +105,10 @@ class AutoSplit:
         self._plan_key: tuple[object, ...] | None = None
         self._ahead: asyncio.Handle | None = None  # a _plan_ahead() waiting for an idle loop
         self._probing: asyncio.Task[LinkEstimate | None] | None = None  # a re-probe, idle time
+        self._remeasure = remeasure
+        self._ratios: dict[str, list[float]] = {}  # live / predicted device ms, last few runs
+        self._suspect: str | None = None  # a contradicted candidate waiting to be re-measured
+        self.remeasured: list[str] = []  # candidates measured again, in order (for callers/tests)
 
     async def plan(self) -> Plan:
         """Choose a candidate now. Never raises for an unreachable service: it plans `device`,
@@ -128,6 +146,8 @@ class AutoSplit:
         if self._ahead is not None:
             self._ahead.cancel()
             self._plan_ahead()
+        if self._suspect is not None:
+            self._remeasure_suspect()
         for task in (self._refresh, self._probing):
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
@@ -152,6 +172,9 @@ class AutoSplit:
         self._observe(result)
         if not _in_a_loop():
             return
+        if self._suspect is not None:
+            # Before planning ahead, so that the plan is costed with the fresh figure.
+            asyncio.get_running_loop().call_soon(self._remeasure_suspect)
         if self._ahead is None:
             self._ahead = asyncio.get_running_loop().call_soon(self._plan_ahead)
         if (self._server is not None and self._refresh is None
@@ -179,8 +202,33 @@ class AutoSplit:
         if profiled_ms >= _SPEED_MIN_MS:
             low, high = _SPEED_BOUNDS
             live_ms = t.head + (0.0 if result.split == DEVICE else t.encode)
+            predicted_ms = profiled_ms * self.speed  # what the plan expected
             ratio = min(max(live_ms / profiled_ms, low), high)
             self.speed = _ewma(self.speed, ratio)
+            self._check(result.split, live_ms / predicted_ms)
+
+    def _check(self, split: str, ratio: float) -> None:
+        """Record one live/predicted ratio; flag the candidate if its runs contradict it."""
+        ratios = self._ratios.setdefault(split, [])
+        ratios.append(ratio)
+        del ratios[:-CONTRADICTION_RUNS]
+        if self._remeasure is not None and self._suspect is None and contradicted(ratios):
+            self._suspect = split
+
+    def _remeasure_suspect(self) -> None:
+        """Measure the contradicted candidate again and put the figure in the profile, in the
+        profile's units (the planner multiplies by ``speed``). Runs when the device is idle."""
+        split, self._suspect = self._suspect, None
+        if split is None or self._remeasure is None:
+            return
+        try:
+            fresh = self._remeasure(split)
+        except SplitServeError:
+            return  # keep the profiled figure; its next contradicted runs will try again
+        self.profile = _with_fresh(self.profile, fresh, self.speed)
+        self._ratios.pop(split, None)
+        self._device_view = None
+        self.remeasured.append(split)
 
     async def _server_profile(self) -> ServerProfile | None:
         """The service's costs: fetched and waited for the first time and after a failure,
@@ -247,6 +295,25 @@ class AutoSplit:
         self._probing = None
         if not task.cancelled():
             task.exception()  # retrieved: _probe() already turned failures into None
+
+
+def _with_fresh(profile: DeviceProfile, fresh: DeviceCost, speed: float) -> DeviceProfile:
+    """``profile`` with one candidate's figures measured again (now, so at ``speed``), its heads
+    kept monotone around the new figure and within the whole model."""
+    costs = {c.split: c for c in profile.costs}
+    costs[fresh.split] = replace(fresh, head_ms=fresh.head_ms / speed,
+                                 encode_ms=fresh.encode_ms / speed)
+    whole_ms = costs[DEVICE].head_ms
+    splits = [c for c in costs.values() if c.split not in (DEVICE, CLOUD)]  # execution order
+    heads = [c.head_ms for c in splits]
+    if fresh.split in (DEVICE, CLOUD):
+        heads = [min(ms, whole_ms) for ms in heads]
+    else:
+        index = [c.split for c in splits].index(fresh.split)
+        heads = pin_head(heads, index, costs[fresh.split].head_ms, whole_ms)
+    for c, ms in zip(splits, heads, strict=True):
+        costs[c.split] = replace(c, head_ms=ms)
+    return replace(profile, costs=tuple(costs.values()))
 
 
 def _same_inputs(key: tuple[object, ...], old: tuple[object, ...] | None) -> bool:

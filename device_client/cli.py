@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from device_client.export_cmd import add_parser as add_export_parser
 from device_client.export_cmd import run as run_export
 from device_client.pipeline import Device
 from device_client.plan_cmd import device_profile, run_plan, run_profile
+from device_client.profile import REPEATS, measure_candidate
 from device_client.results import InferenceResult
 from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared import cliargs
@@ -54,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     profile = sub.add_parser("profile", help="measure what each candidate costs on this device "
                                              "(cached)")
     _model_args(profile)
-    profile.add_argument("--repeats", type=cliargs.integer(at_least=1), default=5,
-                         help="timed runs per candidate")
+    profile.add_argument("--repeats", type=cliargs.integer(at_least=1), default=REPEATS,
+                         help=f"rounds of timed runs, one of each candidate per round "
+                              f"(default {REPEATS})")
     profile.add_argument("--force", action="store_true", help="measure even if cached")
     profile.add_argument("--json", action="store_true")
 
@@ -145,7 +148,9 @@ async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: Enco
         auto = None
         if args.split == AUTO:
             auto = AutoSplit(client, device_profile(runtime, options,
-                                                    jpeg_quality=args.jpeg_quality)[0])
+                                                    jpeg_quality=args.jpeg_quality)[0],
+                             remeasure=partial(measure_candidate, runtime, options=options,
+                                               jpeg_quality=args.jpeg_quality))
         device = Device(runtime, client if needs_service else None, options=options,
                         jpeg_quality=args.jpeg_quality, timeout_s=args.timeout,
                         fallback=not args.no_fallback, auto=auto)

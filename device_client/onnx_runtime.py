@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from PIL import Image
 
 from shared.bundle import Bundle, BundlePoint, load_bundle
 from shared.errors import ConfigError
 from shared.ortsession import open_session
+from shared.preprocess_numpy import to_array
 
 if TYPE_CHECKING:
     from device_client.runtime import EncodeOptions
@@ -38,6 +40,8 @@ class OnnxDeviceRuntime:
     ``bundle`` is a ``Bundle`` or its directory; ``model`` and ``fingerprint``, when given, must
     match the bundle's (``BundleMismatchError`` otherwise).
     """
+
+    kind = "onnx"  # the runtime, as profiles record it
 
     def __init__(self, bundle: Bundle | str | os.PathLike[str], *, precision: Precision = "fp32",
                  threads: int = 1, model: str | None = None,
@@ -75,6 +79,10 @@ class OnnxDeviceRuntime:
     def middle_point(self) -> BundlePoint:
         points = self.bundle.points
         return points[len(points) // 2]
+
+    def prepare(self, crop: Image.Image) -> np.ndarray:
+        """A center crop as the model's input batch of one (``shared.preprocess_numpy``)."""
+        return to_array(crop, self.preprocessing)
 
     def run_full(self, x: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)`` of the whole model for a float32 ``(N, 3, H, W)`` batch."""

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from device_client.client import ServiceClient, tls_verify
 from device_client.link import LinkEstimator, probe
-from device_client.profile import load_or_measure
+from device_client.profile import REPEATS, ProfiledRuntime, load_or_measure
 from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared.errors import ConfigError
 from shared.planner import DeviceProfile, LinkEstimate, Plan, ServerProfile, choose
@@ -25,8 +25,9 @@ _TERMS = ("head_ms", "encode_ms", "rtt_ms", "transfer_ms", "server_ms")
 _UNBOUNDED_COLUMNS = 10_000  # wider than any table: rich then sizes it to its content
 
 
-def device_profile(runtime: DeviceRuntime, options: EncodeOptions, *, jpeg_quality: int = 90,
-                   repeats: int = 5, force: bool = False) -> tuple[DeviceProfile, Path, bool]:
+def device_profile(runtime: ProfiledRuntime, options: EncodeOptions, *, jpeg_quality: int = 90,
+                   repeats: int = REPEATS, force: bool = False
+                   ) -> tuple[DeviceProfile, Path, bool]:
     """The cached profile, or a measurement with a progress bar on stderr."""
     console = Console(stderr=True)
     total = len(runtime.points) + 2
@@ -53,9 +54,12 @@ def run_profile(args: argparse.Namespace, runtime: DeviceRuntime, options: Encod
     if args.json:
         print(json.dumps({"model": profile.model, "fingerprint": profile.fingerprint,
                           "cache": str(path), "measured_now": measured,
+                          "runtime": runtime.kind, "precision": runtime.precision,
+                          "threads": runtime.threads,
                           "costs": [c.__dict__ for c in profile.costs]}))
         return 0
-    table = Table(title=f"{profile.model} on this device "
+    table = Table(title=f"{profile.model} on this device, {runtime.kind} {runtime.precision} "
+                        f"{runtime.threads} thread(s) "
                         f"({'measured now' if measured else 'cached'}: {path})")
     for column in ("candidate", "head ms", "encode ms", "payload bytes"):
         table.add_column(column, justify="left" if column == "candidate" else "right")

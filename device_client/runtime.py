@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image
 from torch import fx, nn
 
 from shared import codec, wire
@@ -13,6 +14,7 @@ from shared.errors import ConfigError
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.models.registry import Weights
 from shared.partition import Partitioner, SplitPoint
+from shared.preprocess import Preprocessing, to_tensor
 
 __all__ = ["DeviceRuntime", "EncodeOptions"]
 
@@ -53,6 +55,9 @@ class DeviceRuntime:
         >>> head, tail = rt.halves(rt.point("_blocks.5"))
     """
 
+    kind = "torch"  # the runtime, as profiles record it
+    precision = "fp32"
+
     def __init__(self, name: str, *, weights: Weights | None = None) -> None:
         self.name = name
         self.spec: ModelSpec = get_spec(name)
@@ -67,6 +72,18 @@ class DeviceRuntime:
     @property
     def points(self) -> list[SplitPoint]:
         return self.partitioner.points
+
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    def prepare(self, crop: Image.Image) -> torch.Tensor:
+        """A center crop as the model's input batch of one."""
+        return to_tensor(crop, self.spec.preprocessing)
 
     def point(self, key: str | int) -> SplitPoint:
         """A split point by name or index; raises UnknownSplitPointError."""

@@ -1,12 +1,16 @@
-"""Measuring compute the same way on the device and in the service: the median of timed runs."""
+"""Measuring compute the same way on the device and in the service: timed runs, summarized."""
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["median_ms"]
+__all__ = ["interleaved_ms", "low_quantile", "median_ms", "no_waits", "runqueue_waits_ms"]
+
+Waits = Callable[[], Mapping[int, float]]
 
 
 def median_ms(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
@@ -27,3 +31,77 @@ def median_ms(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) ->
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def low_quantile(samples: Sequence[float], q: float = 0.2) -> float:
+    """The ``q`` quantile of ``samples``, interpolated linearly between order statistics.
+
+    A low quantile, not the median: on a shared CPU a run can only be slowed down, never sped
+    up, so the fast runs are the ones that measured the work; the minimum alone is one lucky run.
+
+        >>> low_quantile([10.0, 11.0, 12.0, 50.0, 90.0])
+        10.8
+    """
+    if not samples:
+        raise ValueError("no samples")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    ordered = sorted(samples)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def runqueue_waits_ms() -> dict[int, float]:
+    """Per thread of this process, how long it has waited on a run queue, runnable while other
+    processes held the CPU (Linux ``/proc/self/task/*/schedstat``, second field), in ms. Empty
+    where there is no such file."""
+    waits: dict[int, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return waits
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                waits[int(tid)] = int(f.read().split()[1]) / 1e6
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended in between, or a kernel without schedstats
+    return waits
+
+
+def no_waits() -> dict[int, float]:
+    """For ``interleaved_ms(waits=...)``: count every millisecond of wall time."""
+    return {}
+
+
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], *, repeats: int,
+                   clock: Callable[[], float] = time.perf_counter,
+                   waits: Waits = runqueue_waits_ms) -> dict[str, list[float]]:
+    """Times in ms of every ``fn``, ``repeats`` each, taken round-robin: one run of each per
+    round. A burst of load then slows one run of every function, not every run of one, so the
+    figures stay comparable with each other.
+
+    Each run's wall time is less the time its threads sat on a run queue while another process
+    had the CPU (the longest such wait of any thread: they meet at the end of each operator), as
+    ``waits()`` reports it: what the run costs this device, not what the neighbours took from it.
+    ``waits=no_waits`` counts plain wall time.
+
+        >>> times = interleaved_ms({"a": lambda: None, "b": lambda: None}, repeats=3)
+        >>> sorted(times), [len(v) for v in times.values()]
+        (['a', 'b'], [3, 3])
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            before = waits()
+            start = clock()
+            fn()
+            wall_ms = (clock() - start) * 1e3
+            after = waits()
+            stolen_ms = max((after[t] - before[t] for t in after.keys() & before.keys()),
+                            default=0.0)
+            samples[name].append(max(wall_ms - stolen_ms, 0.0))
+    return samples

@@ -17,9 +17,11 @@ from PIL import Image
 
 from device_client import cli
 from device_client.onnx_runtime import OnnxDeviceRuntime
-from device_client.runtime import DeviceRuntime
+from device_client.profile import load_or_measure
+from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared import codec, wire
 from shared.bundle import MANIFEST_NAME, load_bundle
+from shared.candidates import CLOUD, DEVICE
 from shared.errors import ConfigError
 from shared.export import check
 from shared.models import get_spec
@@ -183,3 +185,19 @@ def test_export_of_a_users_checkpoint(tmp_path: Path) -> None:
         want = model(x).numpy()
     ok, diff = check.close_enough(rt.run_full(x.numpy()), want)
     assert ok, diff
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_profiler_runs_on_the_onnx_device(bundle_dir: Path, precision: str,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    monkeypatch.setenv("SPLITSERVE_CACHE_DIR", str(tmp_path))
+    runtime = OnnxDeviceRuntime(bundle_dir, precision=precision)  # type: ignore[arg-type]
+    profile, path, measured = load_or_measure(runtime, options=EncodeOptions(), repeats=2)
+    heads = [c.head_ms for c in profile.costs if c.split not in (DEVICE, CLOUD)]
+    assert measured and len(heads) == len(runtime.points)
+    assert all(a <= b for a, b in zip(heads, heads[1:], strict=False))
+    assert all(0 < ms <= profile.cost(DEVICE).head_ms for ms in heads)
+    key = json.loads(path.read_text())["key"]
+    assert (key["runtime"], key["precision"], key["threads"]) == ("onnx", precision, 1)
+    assert key["runtime_version"] != "unknown"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -226,3 +227,67 @@ def test_on_the_device_the_reprobe_happens_after_a_request_not_on_its_path() -> 
             assert len(probes) == 2 * first
 
     asyncio.run(run())
+
+
+# --- a profile its own runs contradict is measured again, between requests --------------------
+
+
+def _contradicted(results: list[InferenceResult], fresh: DeviceCost,
+                  remeasured: list[str]) -> AutoSplit:
+    def remeasure(split: str) -> DeviceCost:
+        remeasured.append(split)
+        return replace(fresh, split=split)
+
+    async def run() -> AutoSplit:
+        async with ServiceClient("http://s.test",
+                                 transport=httpx.MockTransport(lambda r: httpx.Response(500))
+                                 ) as client:
+            auto = AutoSplit(client, PROFILE, remeasure=remeasure)
+            for result in results:
+                auto.observe(result)
+                assert not remeasured  # never inside observe: the request's path
+                await asyncio.sleep(0)  # the idle time between requests
+            await auto.settle()
+            return auto
+
+    return asyncio.run(run())
+
+
+def test_a_candidate_its_runs_contradict_is_measured_again_off_the_path() -> None:
+    remeasured: list[str] = []
+    # The profile says `mid` costs 52 ms; it keeps taking 300 (the issue: predicted 11, took 60).
+    auto = _contradicted([_result("mid", 298.0, 2.0, sent=10_000)] * 3,
+                         DeviceCost("mid", 40.0, 2.0, 10_000), remeasured)
+    assert remeasured == ["mid"] and auto.remeasured == ["mid"]
+    seen = auto.device_profile()
+    # The fresh figure replaces the profiled one: the planner's product gives it back.
+    assert seen.cost("mid").head_ms == pytest.approx(40.0)
+    assert seen.cost("mid").encode_ms == pytest.approx(2.0)
+    assert auto.profile.cost("mid").head_ms == pytest.approx(40.0 / auto.speed)
+    heads = [c.head_ms for c in auto.profile.costs if c.split not in (DEVICE, CLOUD)]
+    assert heads == sorted(heads)  # still monotone around the new figure
+    assert all(ms <= auto.profile.cost(DEVICE).head_ms for ms in heads)
+
+
+def test_runs_that_agree_or_scatter_leave_the_profile_alone() -> None:
+    remeasured: list[str] = []
+    agree = [_result("mid", 55.0, 2.0, sent=10_000)] * 10
+    scatter = [_result("mid", ms, 2.0, sent=10_000) for ms in (300.0, 50.0, 300.0, 50.0)]
+    auto = _contradicted(agree + scatter, DeviceCost("mid", 1.0, 1.0, 1), remeasured)
+    assert remeasured == [] and auto.profile == PROFILE
+
+
+def test_a_contradicted_whole_model_caps_every_head() -> None:
+    remeasured: list[str] = []
+    # The issue's cached profile: 213 ms for the whole model where runs took 14-20 ms.
+    auto = _contradicted([_result(DEVICE, 15.0)] * 3, DeviceCost(DEVICE, 15.0, 0.0, 0),
+                         remeasured)
+    assert remeasured == [DEVICE]
+    assert auto.device_profile().cost(DEVICE).head_ms == pytest.approx(15.0)
+    whole_ms = auto.profile.cost(DEVICE).head_ms
+    assert all(c.head_ms <= whole_ms for c in auto.profile.costs)
+
+
+def test_without_a_remeasure_hook_nothing_is_measured() -> None:
+    auto = _learn([_result("mid", 298.0, 2.0, sent=10_000)] * 5)
+    assert auto.remeasured == [] and auto.profile is PROFILE

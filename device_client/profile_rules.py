@@ -1,0 +1,82 @@
+"""Rules that make a device profile trustworthy: pure functions of measured figures.
+
+``monotone_heads`` repairs what noise does to a profile (a head cheaper than a head it
+contains, a head dearer than the whole model); ``contradicted`` says when live runs disagree
+with a profiled figure so much that it must be measured again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["CONTRADICTION_BOUNDS", "CONTRADICTION_RUNS", "contradicted", "monotone_heads",
+           "pin_head"]
+
+# Live cost over predicted cost outside these bounds on this many runs in a row: the profiled
+# figure is wrong, not the run. One slow run is a GC pause or a page-in; three are a pattern.
+CONTRADICTION_BOUNDS = (0.5, 2.0)
+CONTRADICTION_RUNS = 3
+
+
+def monotone_heads(head_ms: Sequence[float], whole_ms: float) -> list[float]:
+    """Head costs in split-point order made monotone and capped at the whole model.
+
+    Split points are listed in execution order and every head is the graph's prefix up to its
+    cut, so a later head contains every node of an earlier one, whether one tensor crosses the
+    cut or several (a tensor crossing an earlier cut is either consumed before the later cut,
+    hence inside that head, or crosses it too). So a head costs at least the running maximum of
+    the heads before it, and no head costs more than the whole model, which contains them all.
+
+        >>> monotone_heads([2.0, 5.0, 4.0, 9.0, 30.0], whole_ms=12.0)
+        [2.0, 5.0, 5.0, 9.0, 12.0]
+    """
+    if whole_ms < 0:
+        raise ValueError(f"whole_ms must be >= 0, got {whole_ms}")
+    out: list[float] = []
+    running = 0.0
+    for ms in head_ms:
+        if ms < 0:
+            raise ValueError(f"a head cannot take {ms} ms")
+        running = max(running, ms)
+        out.append(min(running, whole_ms))
+    return out
+
+
+def pin_head(head_ms: Sequence[float], index: int, value_ms: float, whole_ms: float
+             ) -> list[float]:
+    """Heads with ``head_ms[index]`` replaced by a figure measured again (trusted over the rest),
+    kept monotone around it: heads before it cost no more, heads after it no less, none more
+    than the whole model.
+
+        >>> pin_head([2.0, 300.0, 11.0, 12.0], 1, 8.0, whole_ms=14.0)
+        [2.0, 8.0, 11.0, 12.0]
+        >>> pin_head([2.0, 5.0, 6.0, 7.0], 1, 9.0, whole_ms=14.0)
+        [2.0, 9.0, 9.0, 9.0]
+    """
+    if not 0 <= index < len(head_ms):
+        raise ValueError(f"no head {index} among {len(head_ms)}")
+    value_ms = min(value_ms, whole_ms)
+    return [min(ms, value_ms, whole_ms) if i < index else
+            value_ms if i == index else min(max(ms, value_ms), whole_ms)
+            for i, ms in enumerate(head_ms)]
+
+
+def contradicted(ratios: Sequence[float], *, runs: int = CONTRADICTION_RUNS,
+                 bounds: tuple[float, float] = CONTRADICTION_BOUNDS) -> bool:
+    """Whether the last ``runs`` live/predicted ratios of one candidate all fall on the same side
+    outside ``bounds``: its profiled figure, not the moment, is wrong.
+
+        >>> contradicted([1.1, 2.5, 3.0, 2.2])
+        True
+        >>> contradicted([2.5, 0.9, 3.0, 2.2])
+        False
+        >>> contradicted([0.3, 0.4, 0.2])
+        True
+    """
+    if runs < 1:
+        raise ValueError("runs must be >= 1")
+    low, high = bounds
+    last = ratios[-runs:]
+    if len(last) < runs:
+        return False
+    return all(r > high for r in last) or all(r < low for r in last)
