@@ -23,7 +23,7 @@ from shared.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_bundl
 from shared.errors import ConfigError, ImageError
 from shared.export.check import Checker
 from shared.export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, export_probe, extract
-from shared.export.quantize import quantize
+from shared.export.quantize import FLOAT32_WEIGHTS, quantize
 from shared.export.weights import SharedWeights
 from shared.models import fingerprint, get_model, get_spec, imagenet_labels
 from shared.models.registry import Weights
@@ -155,7 +155,8 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
     extra: dict[str, Any] = {"exported_with": _versions()}
     if calib:
         extra["calibration"] = {"images": len(calib), "method": "minmax", "format": "qdq",
-                                "weights": "int8 per channel", "activations": "uint8"}
+                                "weights": "int8 per channel", "activations": "uint8",
+                                "float32_weights": list(FLOAT32_WEIGHTS)}
     return {
         "format_version": FORMAT_VERSION, "model": name, "fingerprint": fingerprint(model),
         "opset": OPSET,
