@@ -66,6 +66,7 @@ def export_probe(part: Partitioner, example: torch.Tensor) -> ProbeGraph:
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     model = program.model_proto
+    _strip_debug_metadata(model)
     _unalias(model, set(names))
     outputs = [o.name for o in model.graph.output]
     if outputs != [OUTPUT_NAME, *names]:
@@ -121,6 +122,14 @@ def _probe_module(part: Partitioner
     module.eval()
     crossing = tuple(tuple(names[n] for n in live) for live in crossing_nodes)
     return module, [names[n] for n in order], crossing
+
+
+def _strip_debug_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug notes: stack traces with the exporting machine's file
+    paths, fx node text, module hierarchies. A bundle is handed to every device; they are
+    most of a small graph file's bytes, and nothing reads them at run time."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
 
 
 def _unalias(model: onnx.ModelProto, crossing: set[str]) -> None:

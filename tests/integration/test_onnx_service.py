@@ -63,7 +63,7 @@ def test_onnx_service_matches_local_torch_top1(
         assert result.top5[0].index == local_top1[name], (split, name)
     # It really ran ONNX Runtime, on the bundle it exported into the session's cache.
     assert "onnxruntime" in onnx_service.log_path.read_text()
-    cached = list(Path(bundle_dir).glob(f"{MODEL}-*"))
+    cached = [p for p in Path(bundle_dir).glob(f"{MODEL}-*") if p.is_dir()]  # not the .tar
     assert len(cached) == 1
     assert load_bundle(cached[0], model=MODEL).manifest.fingerprint == device_runtime.fingerprint
 
