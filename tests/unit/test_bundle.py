@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.bundle import FORMAT_VERSION, MANIFEST_NAME, load_bundle, parse_manifest
+from shared.bundle import MANIFEST_NAME, load_bundle, parse_manifest
 from shared.errors import (
     BundleError,
     BundleIntegrityError,
@@ -18,37 +16,14 @@ from shared.errors import (
     BundleVersionError,
     UnknownSplitPointError,
 )
+from tests.support.bundles import TINY_FINGERPRINT, write_tiny_bundle
 
-FINGERPRINT = "0123456789abcdef0123456789abcdef"
+FINGERPRINT = TINY_FINGERPRINT
 
 
 def _write_bundle(root: Path, **overrides: Any) -> dict[str, Any]:
-    """A tiny well-formed bundle: fake graph bytes, one split point, two classes."""
-    root.mkdir(parents=True, exist_ok=True)
-    contents = {"weights.bin": b"\0" * 64, "full.onnx": b"full", "head_000.onnx": b"head",
-                "tail_000.onnx": b"tail"}
-    for name, data in contents.items():
-        (root / name).write_bytes(data)
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "model": "tiny", "fingerprint": FINGERPRINT,
-        "opset": 18,
-        "preprocessing": {"resize_size": 256, "crop_size": 224, "mean": [1, 2, 3],
-                          "std": [4.0, 5.0, 6.0]},
-        "labels": ["cat", "dog"],
-        "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "float32"},
-        "output": {"name": "logits", "shape": [1, 2], "dtype": "float32"},
-        "full": {"fp32": "full.onnx"},
-        "split_points": [{"name": "features.3", "index": 0, "head": {"fp32": "head_000.onnx"},
-                          "tail": "tail_000.onnx",
-                          "tensors": [{"name": "x3", "shape": [1, 8, 4, 4],
-                                       "dtype": "float32"}]}],
-        "weights": "weights.bin",
-        "files": {n: hashlib.sha256(d).hexdigest() for n, d in contents.items()},
-        "exported_with": {"torch": "2.13"},
-    }
-    manifest.update(overrides)
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return manifest
+    """The shared tiny bundle, with an extra manifest field the allowlist must keep aside."""
+    return write_tiny_bundle(root, **{"exported_with": {"torch": "2.13"}, **overrides})
 
 
 def test_a_good_bundle_loads(tmp_path: Path) -> None:
