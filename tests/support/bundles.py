@@ -13,14 +13,13 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from shared.bundle import FORMAT_VERSION, MANIFEST_NAME
+from tests.support.fake_service import LoopbackServer
 
 __all__ = ["TINY_FINGERPRINT", "TINY_MODEL", "ArchiveService", "archive_of", "tar_of",
            "write_tiny_bundle"]
@@ -79,7 +78,7 @@ def archive_of(root: Path, *, skip: Sequence[str] = (), gzip: bool = False) -> b
     return tar_of(members, gzip=gzip)
 
 
-class ArchiveService:
+class ArchiveService(LoopbackServer):
     """``with ArchiveService(data, etag) as fake:`` serves ``GET /v2/models/*/bundle`` on
     127.0.0.1 as the real service does: the bytes with their ETag, 304 when If-None-Match names
     it, and first ``busy`` answers of 503 with ``Retry-After: 0``. Set ``fake.data`` and
@@ -88,20 +87,7 @@ class ArchiveService:
     def __init__(self, data: bytes, etag: str, *, busy: int = 0) -> None:
         self.data, self.etag, self.busy = data, etag, busy
         self.statuses: list[int] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> ArchiveService:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().__init__(_handler(self))
 
 
 def _handler(fake: ArchiveService) -> type[BaseHTTPRequestHandler]:

@@ -16,26 +16,25 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Self
 
-__all__ = ["Answer", "JsonService"]
+__all__ = ["Answer", "JsonService", "LoopbackServer"]
 
 #: ``(method, path) -> (status, body)``; a ``bytes`` body is sent as is, anything else as JSON.
 Answer = Callable[[str, str], tuple[int, object]]
 
 
-class JsonService:
-    """``with JsonService(answer) as fake: ... fake.url ...``; ``fake.requests`` lists
-    ``(method, path)`` in the order they came."""
+class LoopbackServer:
+    """``handler`` served on 127.0.0.1 at a free port, from a thread: ``with`` starts and stops
+    it, ``url`` is where it listens."""
 
-    def __init__(self, answer: Answer) -> None:
-        self.requests: list[tuple[str, str]] = []
-        handler = _handler(answer, self.requests)
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> JsonService:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -44,6 +43,15 @@ class JsonService:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+class JsonService(LoopbackServer):
+    """``with JsonService(answer) as fake: ... fake.url ...``; ``fake.requests`` lists
+    ``(method, path)`` in the order they came."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.requests: list[tuple[str, str]] = []
+        super().__init__(_handler(answer, self.requests))
 
 
 def _handler(answer: Answer, log: list[tuple[str, str]]) -> type[BaseHTTPRequestHandler]:
