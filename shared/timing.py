@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -82,10 +83,12 @@ def interleaved_ms(fns: Mapping[str, Callable[[], object]], *, repeats: int,
     round. A burst of load then slows one run of every function, not every run of one, so the
     figures stay comparable with each other.
 
-    Each run's wall time is less the time its threads sat on a run queue while another process
-    had the CPU (the longest such wait of any thread: they meet at the end of each operator), as
-    ``waits()`` reports it: what the run costs this device, not what the neighbours took from it.
-    ``waits=no_waits`` counts plain wall time.
+    Each run's wall time is less the time the calling thread sat on a run queue, runnable but
+    not running, as ``waits()`` reports it: what the run costs this device, not what the
+    neighbours took from it. Only the caller's own wait counts: it does the work (torch and ONNX
+    Runtime both compute on the calling thread too), while the process's other threads (a
+    progress bar's, an idle pool's) may wait on the caller itself, and subtracting their waits
+    once took a whole run to 0 ms. ``waits=no_waits`` counts plain wall time.
 
         >>> times = interleaved_ms({"a": lambda: None, "b": lambda: None}, repeats=3)
         >>> sorted(times), [len(v) for v in times.values()]
@@ -94,6 +97,7 @@ def interleaved_ms(fns: Mapping[str, Callable[[], object]], *, repeats: int,
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    me = threading.get_native_id()
     for _ in range(repeats):
         for name, fn in fns.items():
             before = waits()
@@ -101,7 +105,6 @@ def interleaved_ms(fns: Mapping[str, Callable[[], object]], *, repeats: int,
             fn()
             wall_ms = (clock() - start) * 1e3
             after = waits()
-            stolen_ms = max((after[t] - before[t] for t in after.keys() & before.keys()),
-                            default=0.0)
+            stolen_ms = after.get(me, 0.0) - before.get(me, 0.0) if me in before else 0.0
             samples[name].append(max(wall_ms - stolen_ms, 0.0))
     return samples

@@ -3,6 +3,8 @@ live runs contradict a profiled figure."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from device_client.profile_rules import contradicted, monotone_heads, pin_head
@@ -32,13 +34,24 @@ def test_low_quantile_rejects_nonsense(samples: list[float], q: float) -> None:
         low_quantile(samples, q)
 
 
-def test_time_other_processes_held_the_cpu_is_left_out() -> None:
+def test_time_the_caller_waited_for_the_cpu_is_left_out() -> None:
+    me, other = threading.get_native_id(), -1
     ticks = iter(range(0, 1000, 10))  # every run takes 10 ms of wall time
-    waited = iter([{1: 0.0, 2: 0.0}, {1: 3.0, 2: 6.0},  # thread 2 waited 6 ms: the run cost 4
-                   {1: 3.0}, {1: 3.0, 9: 50.0}])  # a thread that appeared says nothing
+    waited = iter([{me: 0.0, other: 0.0}, {me: 6.0, other: 9.0},  # we waited 6 ms: the run cost 4
+                   {other: 0.0}, {me: 50.0, other: 9.0}])  # our thread unseen before: no figure
     samples = interleaved_ms({"a": lambda: None}, repeats=2,
                              clock=lambda: float(next(ticks)) / 1e3, waits=lambda: next(waited))
     assert samples["a"] == pytest.approx([4.0, 10.0])
+
+
+def test_other_threads_waiting_on_the_caller_are_not_subtracted() -> None:
+    """A progress bar's thread waits while the caller computes; that is not time stolen."""
+    me, bar = threading.get_native_id(), -1
+    ticks = iter(range(0, 1000, 10))
+    waited = iter([{me: 0.0, bar: 0.0}, {me: 0.0, bar: 10.0}])
+    samples = interleaved_ms({"a": lambda: None}, repeats=1,
+                             clock=lambda: float(next(ticks)) / 1e3, waits=lambda: next(waited))
+    assert samples["a"] == pytest.approx([10.0])
 
 
 def test_interleaved_runs_round_robin_and_times_each_call() -> None:
