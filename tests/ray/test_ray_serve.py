@@ -7,6 +7,7 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -146,3 +147,19 @@ def test_a_killed_replica_loses_no_result(serve_url: str, device_runtime: Device
     assert len(served) > len(results) // 2, fallbacks
     # Serve replaces the killed replica; the new one has a new name.
     assert victim not in _replica_names()
+
+
+def test_serve_config_is_valid_and_the_rayservice_embeds_it() -> None:
+    yaml = pytest.importorskip("yaml")
+    schema = pytest.importorskip("ray.serve.schema")
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    config = yaml.safe_load((deploy / "serve.yaml").read_text())
+    parsed = schema.ServeDeploySchema.model_validate(config)
+    (application,) = parsed.applications
+    assert application.import_path == "cloud_server.serve:app"
+    assert application.deployments[0].name == splitserve.DEPLOYMENT_NAME
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(
+        application.deployments[0].autoscaling_config)
+    service = yaml.safe_load((deploy / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
