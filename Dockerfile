@@ -10,6 +10,10 @@ ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 
+# The project's extras in the image: `cloud` (the service), `cloud,ray` for Ray Serve (the
+# compose `ray` profile and deploy/rayservice.yaml): docker build --build-arg EXTRAS=cloud,ray
+ARG EXTRAS=cloud
+
 # The CPU build of torch, from PyTorch's CPU-only index and nothing else: a bare `torch` from
 # PyPI is the CUDA build (several GB of nvidia-* wheels). With --index-url (not --extra-index-url)
 # pip cannot fall back to PyPI's CUDA wheel; if the version is missing there the build fails
@@ -33,7 +37,7 @@ COPY cloud_server/ cloud_server/
 # torch is already satisfied, so the project's `torch>=2.2` installs nothing more. The check
 # fails the build if a CUDA torch got in anyway. "./[cloud]" is ".[cloud]" spelled so that
 # hadolint sees a local path (DL3013 wants every PyPI name pinned; the project pins itself).
-RUN pip install --no-cache-dir "./[cloud]" \
+RUN pip install --no-cache-dir "./[${EXTRAS}]" \
     && python -c "import torch, sys; sys.exit(torch.version.cuda is not None)"
 
 

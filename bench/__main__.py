@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from bench import fidelity, latency, reliability, runtime, service
+from bench import fidelity, latency, reliability, runtime, serve_overhead, service
 from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
@@ -39,6 +39,7 @@ SUBCOMMANDS: dict[str, ModuleType] = {
     "reliability": reliability,
     "runtime": runtime,
     "service": service,
+    "serve-overhead": serve_overhead,
 }
 
 
