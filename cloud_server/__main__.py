@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("cloud_server")
+    log.debug("settings: %r", settings)  # API keys are SecretStr: they print as '**********'
     if exposed_without_keys(settings):
-        logging.getLogger("cloud_server").warning(
+        log.warning(
             "listening on %s with no API key: anyone who can reach port %d can use this service;"
             " set SPLITSERVE_API_KEYS, or bind 127.0.0.1", settings.host, settings.port)
     serve(create_app(settings), settings)

@@ -55,8 +55,8 @@ def low_quantile(samples: Sequence[float], q: float = 0.2) -> float:
 
 def runqueue_waits_ms() -> dict[int, float]:
     """Per thread of this process, how long it has waited on a run queue, runnable while another
-    thread (of any process) held the CPU (Linux ``/proc/self/task/*/schedstat``, second field), in ms. Empty
-    where there is no such file."""
+    thread (of any process) held the CPU (Linux ``/proc/self/task/*/schedstat``, second field),
+    in ms. Empty where there is no such file."""
     waits: dict[int, float] = {}
     try:
         tids = os.listdir("/proc/self/task")

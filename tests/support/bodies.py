@@ -261,7 +261,8 @@ _OIP_TENSOR = st.fixed_dictionaries(
         | st.lists(st.integers(min_value=-2, max_value=2**40), max_size=6)
         | JSON_VALUES,
         "datatype": st.sampled_from(["FP32", "FP64", "INT8", "BYTES", "fp32", ""]) | JSON_VALUES,
-        "data": st.lists(st.floats(width=32, allow_nan=False) | JSON_VALUES, max_size=12)
+        "data": st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False)
+                         | JSON_VALUES, max_size=12)
         | JSON_VALUES,
     },
     optional={"parameters": JSON_VALUES},
