@@ -115,6 +115,11 @@ class Batcher:
                  for key, rows in self._batch_rows.items()}
         return Wait(shared_ms, extra, self._depth)
 
+    def retry_after_s(self) -> float:
+        """A refused request's ``Retry-After``: the time to drain what is queued now (at least
+        1 s, and at least ten fill delays, as before)."""
+        return max(1.0, self._delay_s * 10, self.wait_ms().shared_ms / 1e3)
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._schedule(), name="batcher")
@@ -137,7 +142,7 @@ class Batcher:
         """Queue ``inputs`` (batch dimension first) for ``key`` and wait for its rows."""
         if self._depth >= self._max_queue:
             raise OverloadedError(f"queue full ({self._max_queue} requests waiting)",
-                                  retry_after_s=max(1.0, self._delay_s * 10))
+                                  retry_after_s=self.retry_after_s())
         now = time.perf_counter()
         item = _Pending(inputs, int(inputs[0].shape[0]), asyncio.get_running_loop().create_future(),
                         now, now + timeout_s)

@@ -94,7 +94,7 @@ class Service:
         rejected request costs next to nothing. ``submit`` checks again (the body takes time)."""
         if self.batcher.depth >= self.settings.max_queue:
             raise OverloadedError(f"queue full ({self.settings.max_queue} requests waiting)",
-                                  retry_after_s=1.0)
+                                  retry_after_s=self.batcher.retry_after_s())
 
     async def submit(self, runtime: ModelRuntime, key: str, inputs: tuple[torch.Tensor, ...],
                      *, timeout_s: float) -> BatchResult:
