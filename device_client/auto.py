@@ -24,12 +24,13 @@ of each tail) comes with every answer and with the metadata; the client keeps th
 (``ServiceClient.last_load``), and the view planned with is that latest figure decaying towards
 the metadata's as it ages (half-life ``load_half_life_s``): a device that stopped sending, having
 fled a busy service, is not held off by its last busy answer forever, and the metadata refresh
-tells it when the service is quiet again. The view is rounded to whole ms so that a plan is
-costed again only when it moved. Anti-stampede (``shared.planner``): this device's hysteresis
-is drawn once from ``seed``, and a switch past it happens with a probability that grows with
-the gain, drawn per plan. A 503 with ``Retry-After`` (``ServiceClient.last_refusal``) makes it
-plan ``device`` until that has passed, stretched by a random fraction up to ``retry_jitter``
-so that a fleet refused together does not come back together.
+tells it when the service is quiet again. The view is rounded (whole ms, two significant digits
+past 10 ms) so that a plan is costed again only when it moved. Anti-stampede
+(``shared.planner``): this device's hysteresis is drawn once from ``seed``, and a switch past it
+happens with a probability that grows with the gain, drawn per plan. A 503 with
+``Retry-After`` (``ServiceClient.last_refusal``) makes it plan ``device`` until that has passed,
+stretched by a random fraction up to ``retry_jitter`` so that a fleet refused together does not
+come back together.
 
 A profile can be wrong about one candidate: measured while something else ran, its head may be
 10x too dear or too cheap next to the others, and one speed factor cannot fix that. So each
@@ -199,14 +200,14 @@ class AutoSplit:
 
     def _with_load(self, server: ServerProfile) -> ServerProfile:
         """``server`` with the load as this device sees it now: the latest figures decaying
-        towards the metadata's, rounded to whole ms; the same object while that is unchanged."""
+        towards the metadata's, coarsely rounded; the same object while that is unchanged."""
         weight = 0.5 ** ((self._clock() - self._load_at) / self._load_half_life_s)
         base = dict(server.load_ms)
         view = {}
         for name, _ in server.server_ms:
             floor = base.get(name, server.queue_ms)
             latest = self._load.get(name, floor)
-            view[name] = float(round(floor + (latest - floor) * weight))
+            view[name] = _coarse(floor + (latest - floor) * weight)
         if self._view is not None and self._view[0] is server and self._view[1] == view:
             return self._view[2]
         self._view = (server, view, server.with_load(view))
@@ -410,6 +411,14 @@ def _in_a_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _coarse(ms: float) -> float:
+    """Whole ms under 10 ms, else two significant digits: a decaying figure then changes the
+    plan's inputs every few percent, not at every request (each change costs a costing)."""
+    if ms < 10:
+        return float(round(ms))
+    return float(round(ms, 1 - math.floor(math.log10(ms))))
 
 
 def _ewma(old: float, new: float) -> float:
