@@ -9,6 +9,13 @@ core, and two passes at once would only fight for them.
 The queue is bounded: past ``max_queue`` waiting requests, ``submit`` raises ``OverloadedError``
 at once (the service answers 503 with ``Retry-After``) instead of letting requests time out.
 Requests whose deadline passes while queued are dropped before compute.
+
+``wait_ms()`` is what a request sent now would wait, for the answers' ``load``: the compute
+thread's remaining time on the batch in flight, plus the work queued ahead of it (queued rows x
+each key's recent compute ms per row: one thread drains every key's queue), plus the rows its own
+forward pass will carry after it (the key's recent mean batch size, less the rows already queued
+for it): a request in a batch of 16 waits for all 16 rows, while the planner's ``server_ms``
+counts one.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import torch
 
 from shared.errors import DeadlineExceededError, OverloadedError
 
-__all__ = ["BatchResult", "Batcher"]
+__all__ = ["BatchResult", "Batcher", "Wait"]
+
+_LOAD_ALPHA = 0.2  # EWMA of compute ms per row and of batch size, per key
 
 RunFn = Callable[[Hashable, tuple[torch.Tensor, ...]], torch.Tensor]
 BatchHook = Callable[[Hashable, int, float], None]  # key, batch size, compute seconds
@@ -38,6 +47,15 @@ class BatchResult:
     queue_ms: float
     compute_ms: float
     batch_size: int  # requests in the forward pass that answered this one
+
+
+@dataclass(frozen=True)
+class Wait:
+    """``wait_ms()``: the wait shared by every key, and each key's own extra on top of it."""
+
+    shared_ms: float
+    extra_ms: dict[Hashable, float]
+    queued: int
 
 
 @dataclass
@@ -73,11 +91,34 @@ class Batcher:
         self._changed = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._task: asyncio.Task[None] | None = None
+        self._row_ms: dict[Hashable, float] = {}  # EWMA compute ms per row, per key
+        self._batch_rows: dict[Hashable, float] = {}  # EWMA rows per forward pass, per key
+        self._busy_until = 0.0  # perf_counter when the batch in flight should end
 
     @property
     def depth(self) -> int:
         """Requests waiting, not yet in a forward pass."""
         return self._depth
+
+    def wait_ms(self, row_ms: Callable[[Hashable], float | None] = lambda key: None) -> Wait:
+        """What a request queued now would wait (see the module docstring). ``row_ms(key)``
+        is the fallback cost of a row of a key that has not run yet (its profiled figure)."""
+        now = time.perf_counter()
+        shared_ms = max(0.0, self._busy_until - now) * 1e3
+        if self._task is not None and self._depth and not self._busy_until > now:
+            shared_ms += self._delay_s * 1e3  # idle: the batch waits to fill
+        queued: dict[Hashable, int] = {}
+        for key, queue in self._queues.items():
+            queued[key] = sum(p.rows for p in queue)
+            shared_ms += queued[key] * (self._row_ms.get(key) or row_ms(key) or 0.0)
+        extra = {key: max(0.0, rows - 1 - queued.get(key, 0)) * self._row_ms[key]
+                 for key, rows in self._batch_rows.items()}
+        return Wait(shared_ms, extra, self._depth)
+
+    def retry_after_s(self) -> float:
+        """A refused request's ``Retry-After``: the time to drain what is queued now (at least
+        1 s, and at least ten fill delays, as before)."""
+        return max(1.0, self._delay_s * 10, self.wait_ms().shared_ms / 1e3)
 
     async def start(self) -> None:
         if self._task is None:
@@ -101,7 +142,7 @@ class Batcher:
         """Queue ``inputs`` (batch dimension first) for ``key`` and wait for its rows."""
         if self._depth >= self._max_queue:
             raise OverloadedError(f"queue full ({self._max_queue} requests waiting)",
-                                  retry_after_s=max(1.0, self._delay_s * 10))
+                                  retry_after_s=self.retry_after_s())
         now = time.perf_counter()
         item = _Pending(inputs, int(inputs[0].shape[0]), asyncio.get_running_loop().create_future(),
                         now, now + timeout_s)
@@ -170,6 +211,9 @@ class Batcher:
 
     async def _execute(self, key: Hashable, batch: list[_Pending]) -> None:
         start = time.perf_counter()
+        rows = sum(p.rows for p in batch)
+        if key in self._row_ms:
+            self._busy_until = start + self._row_ms[key] * rows / 1e3
         inputs = tuple(torch.cat(parts) if len(parts) > 1 else parts[0]
                        for parts in zip(*(p.inputs for p in batch), strict=True))
         loop = asyncio.get_running_loop()
@@ -181,12 +225,22 @@ class Batcher:
                     item.future.set_exception(exc)
             return
         compute_s = time.perf_counter() - start
+        self._busy_until = 0.0
+        self._learn(key, rows, compute_s * 1e3)
         if self._on_batch is not None:
             self._on_batch(key, len(batch), compute_s)
         offset = 0
         for item in batch:
-            rows = output[offset:offset + item.rows]
+            part = output[offset:offset + item.rows]
             offset += item.rows
             if not item.future.done():
                 item.future.set_result(BatchResult(
-                    rows, (start - item.enqueued) * 1e3, compute_s * 1e3, len(batch)))
+                    part, (start - item.enqueued) * 1e3, compute_s * 1e3, len(batch)))
+
+    def _learn(self, key: Hashable, rows: int, compute_ms: float) -> None:
+        per_row_ms = compute_ms / max(rows, 1)
+        old_ms, old_rows = self._row_ms.get(key), self._batch_rows.get(key)
+        self._row_ms[key] = per_row_ms if old_ms is None else old_ms + _LOAD_ALPHA * (
+            per_row_ms - old_ms)
+        self._batch_rows[key] = rows if old_rows is None else old_rows + _LOAD_ALPHA * (
+            rows - old_rows)

@@ -7,6 +7,7 @@ logged here with their traceback and answered with a bare 500.
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 from fastapi import FastAPI, Request
@@ -92,7 +93,8 @@ async def _handle_splitserve(request: Request, exc: Exception) -> JSONResponse:
     status = status_for(exc)
     headers = {}
     if isinstance(exc, OverloadedError):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        # Rounded up: a client back before the queue drained would only be refused again.
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if status >= 500 and not isinstance(exc, OverloadedError | DeadlineExceededError):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"error": _message(exc)}, status_code=status, headers=headers)

@@ -16,7 +16,9 @@ from cloud_server.memory import IdleTrimmer, ImageBudget
 from cloud_server.metrics import Metrics
 from cloud_server.runtime import ModelRuntime, load_runtime
 from cloud_server.settings import Settings
+from shared.candidates import WHOLE_MODEL
 from shared.errors import NotReadyError, OverloadedError, UnknownModelError
+from shared.schemas import LoadBody
 
 __all__ = ["Loader", "Service", "ServiceDep", "get_service"]
 
@@ -92,7 +94,7 @@ class Service:
         rejected request costs next to nothing. ``submit`` checks again (the body takes time)."""
         if self.batcher.depth >= self.settings.max_queue:
             raise OverloadedError(f"queue full ({self.settings.max_queue} requests waiting)",
-                                  retry_after_s=1.0)
+                                  retry_after_s=self.batcher.retry_after_s())
 
     async def submit(self, runtime: ModelRuntime, key: str, inputs: tuple[torch.Tensor, ...],
                      *, timeout_s: float) -> BatchResult:
@@ -101,6 +103,21 @@ class Service:
         labels = {"model": runtime.name, "split": key}
         self.metrics.queue_seconds.labels(**labels).observe(result.queue_ms / 1e3)
         return result
+
+    def load(self, runtime: ModelRuntime) -> LoadBody:
+        """The ``load`` of answers and metadata: the expected wait of a request for ``runtime``
+        sent now, for the whole model and for each tail (``Batcher.wait_ms``)."""
+        profiled = {(name, key): ms for name, rt in self.runtimes.items()
+                    for key, ms in dict(rt.server_ms).items()}
+        wait = self.batcher.wait_ms(lambda key: profiled.get(cast(tuple[str, str], key)))
+        own = {cast(tuple[str, str], key)[1]: ms for key, ms in wait.extra_ms.items()
+               if cast(tuple[str, str], key)[0] == runtime.name}
+        return LoadBody(
+            queue_ms_whole=round(wait.shared_ms + own.pop(WHOLE_MODEL, 0.0), 1),
+            queue_ms_tail=round(wait.shared_ms, 1),
+            queue_ms_splits={split: round(wait.shared_ms + ms, 1)
+                             for split, ms in sorted(own.items()) if ms >= 0.05},
+            queued=wait.queued)
 
     def _run(self, key: Hashable, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         model, split = cast(tuple[str, str], key)

@@ -19,6 +19,19 @@ arrives while that probe is out waits for it, since the head holds the event loo
 running under it would time the head, not the link.
 The planner's hysteresis keeps the choice from flapping between near-equal candidates.
 
+The service's load (``shared.schemas.LoadBody``: the expected wait of a whole-model request and
+of each tail) comes with every answer and with the metadata; the client keeps the latest
+(``ServiceClient.last_load``), and the view planned with is that latest figure decaying towards
+the metadata's as it ages (half-life ``load_half_life_s``): a device that stopped sending, having
+fled a busy service, is not held off by its last busy answer forever, and the metadata refresh
+tells it when the service is quiet again. The view is rounded (whole ms, two significant digits
+past 10 ms) so that a plan is costed again only when it moved. Anti-stampede
+(``shared.planner``): this device's hysteresis is drawn once from ``seed``, and a switch past it
+happens with a probability that grows with the gain, drawn per plan. A 503 with
+``Retry-After`` (``ServiceClient.last_refusal``) makes it plan ``device`` until that has passed,
+stretched by a random fraction up to ``retry_jitter`` so that a fleet refused together does not
+come back together.
+
 A profile can be wrong about one candidate: measured while something else ran, its head may be
 10x too dear or too cheap next to the others, and one speed factor cannot fix that. So each
 candidate's live device time is compared with what the plan predicted for it (profile x speed);
@@ -38,6 +51,8 @@ while the server profile, the link estimate and the current choice are the same.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -56,6 +71,9 @@ from shared.planner import (
     Plan,
     ServerProfile,
     choose,
+    draw_hysteresis,
+    load_figures,
+    switch_threshold_ms,
 )
 
 __all__ = ["AutoSplit"]
@@ -77,14 +95,26 @@ class AutoSplit:
     """
 
     def __init__(self, client: ServiceClient, profile: DeviceProfile, *,
-                 estimator: LinkEstimator | None = None, hysteresis: float = 0.1,
+                 estimator: LinkEstimator | None = None, hysteresis: float | None = None,
                  metadata_ttl_s: float = 30.0, timeout_s: float = 5.0, reprobe_s: float = 300.0,
-                 remeasure: Remeasure | None = None,
+                 remeasure: Remeasure | None = None, seed: int | None = None,
+                 load_half_life_s: float = 2.0, retry_jitter: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.profile = profile
         self.estimator = estimator or LinkEstimator(clock=clock)
-        self.hysteresis = hysteresis
+        # None: this device's own, drawn once (anti-stampede; see shared.planner).
+        self.hysteresis = draw_hysteresis(seed) if hysteresis is None else hysteresis
+        self._rng = random.Random(None if seed is None else seed + 1)
+        self._pending = False  # the last plan kept `current` although a switch was due
+        self._load_half_life_s = load_half_life_s
+        self._retry_jitter = retry_jitter
+        self._loads_seen = self._refusals_seen = 0
+        self._load: dict[str, float] = {}  # the latest load figures seen ...
+        self._load_at = -math.inf  # ... and when (this clock)
+        # (the metadata's profile, the decayed load, that profile with it)
+        self._view: tuple[ServerProfile, dict[str, float], ServerProfile] | None = None
+        self.refused_until = -math.inf  # a 503's Retry-After: plan `device` until then
         self.current: str | None = None
         self.last_plan: Plan | None = None
         # Why the last plan had to do without the service (it picked `device`), else None.
@@ -114,7 +144,12 @@ class AutoSplit:
         """Choose a candidate now. Never raises for an unreachable service: it plans `device`,
         and ``unreachable`` says why."""
         self._missed = None
-        server, link = await self._server_profile(), await self._link()
+        self._catch_up()
+        if self._clock() < self.refused_until:
+            server, link = None, None
+            self._missed = self.client.last_refusal
+        else:
+            server, link = await self._server_profile(), await self._link()
         self.unreachable = self._missed if server is None or link is None else None
         if server is None or link is None:
             server, link = ServerProfile.of({}), LinkEstimate(uplink_bps=1.0, rtt_ms=0.0)
@@ -123,14 +158,60 @@ class AutoSplit:
         return plan
 
     def _costed(self, server: ServerProfile, link: LinkEstimate) -> Plan:
-        """The plan for these inputs: the last one if nothing changed, else costed anew."""
+        """The plan for these inputs: the last one if nothing changed (and no switch is
+        pending on a draw), else costed anew."""
         device = self.device_profile()
+        server = self._with_load(server)
         key = (device, server, link, self.current)
-        if self.last_plan is None or not _same_inputs(key, self._plan_key):
-            self.last_plan = choose(device, server, link, current=self.current,
-                                    hysteresis=self.hysteresis)
-            self._plan_key = key
+        if (self.last_plan is None or self._pending
+                or not _same_inputs(key, self._plan_key)):
+            plan = choose(device, server, link, current=self.current,
+                          hysteresis=self.hysteresis, draw=self._rng.random())
+            self.last_plan, self._plan_key = plan, key
+            self._pending = self._switch_due(plan)
         return self.last_plan
+
+    def _switch_due(self, plan: Plan) -> bool:
+        """The plan kept ``current`` although the best beat it past the threshold: the next
+        plan draws again."""
+        best = min(plan.candidates, key=lambda e: e.total_ms)
+        if plan.chosen != self.current or best.split == plan.chosen:
+            return False
+        kept = plan.estimate(plan.chosen).total_ms
+        return kept - best.total_ms > switch_threshold_ms(kept, self.hysteresis, 1.0)
+
+    def _catch_up(self) -> None:
+        """Take in what the client saw since: a new load figure, a new 503."""
+        client = self.client
+        if client.loads_seen != self._loads_seen and client.last_load is not None:
+            self._loads_seen = client.loads_seen
+            splits = [c.split for c in self.profile.costs if c.split not in (DEVICE, CLOUD)]
+            self._load = load_figures(client.last_load, splits)
+            self._load_at = self._clock()
+        if client.refusals_seen != self._refusals_seen and client.last_refusal is not None:
+            self._refusals_seen = client.refusals_seen
+            self._refused(client.last_refusal)
+
+    def _refused(self, error: ServiceUnavailableError) -> None:
+        if error.retry_after_s is not None:
+            stretch = 1.0 + self._retry_jitter * self._rng.random()
+            self.refused_until = max(self.refused_until,
+                                     self._clock() + error.retry_after_s * stretch)
+
+    def _with_load(self, server: ServerProfile) -> ServerProfile:
+        """``server`` with the load as this device sees it now: the latest figures decaying
+        towards the metadata's, coarsely rounded; the same object while that is unchanged."""
+        weight = 0.5 ** ((self._clock() - self._load_at) / self._load_half_life_s)
+        base = dict(server.load_ms)
+        view = {}
+        for name, _ in server.server_ms:
+            floor = base.get(name, server.queue_ms)
+            latest = self._load.get(name, floor)
+            view[name] = _coarse(floor + (latest - floor) * weight)
+        if self._view is not None and self._view[0] is server and self._view[1] == view:
+            return self._view[2]
+        self._view = (server, view, server.with_load(view))
+        return self._view[2]
 
     def _plan_ahead(self) -> None:
         """Cost the next request's candidates now, while the device is idle, so that plan()
@@ -166,9 +247,10 @@ class AutoSplit:
 
     def observe(self, result: InferenceResult) -> None:
         """Learn from one inference: the link from its round trip, the device's speed and the
-        candidate's payload from its run; then start a due metadata refetch, now that the
-        request is over."""
+        candidate's payload from its run, the service's load from its answer; then start a due
+        metadata refetch, now that the request is over."""
         self._device_view = None
+        self._catch_up()
         self._observe(result)
         if not _in_a_loop():
             return
@@ -244,6 +326,7 @@ class AutoSplit:
                 self._timeout_s)
         except (ServiceUnavailableError, TimeoutError) as exc:
             self._server, self._missed = None, self._unavailable(exc)
+            self._catch_up()  # a 503 with Retry-After
             return None
         self._server = ServerProfile.from_metadata(meta)
         self._server_at = self._clock()
@@ -328,6 +411,14 @@ def _in_a_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _coarse(ms: float) -> float:
+    """Whole ms under 10 ms, else two significant digits: a decaying figure then changes the
+    plan's inputs every few percent, not at every request (each change costs a costing)."""
+    if ms < 10:
+        return float(round(ms))
+    return float(round(ms, 1 - math.floor(math.log10(ms))))
 
 
 def _ewma(old: float, new: float) -> float:

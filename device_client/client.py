@@ -6,6 +6,11 @@ Every httpx error becomes a splitserve error here: ``ServiceUnavailableError`` w
 may fall back (connect error, timeout, 5xx, 503, a body that is not JSON), ``ServiceRejectedError``
 / ``AuthError`` when the request itself is wrong (4xx). Every answer is parsed through the
 contract (``shared.schemas``): JSON that breaks it is a ``ServiceError`` naming the field.
+
+The client also keeps what every answer said about the service's load, for ``--split auto``:
+``last_load`` (an answer's or the metadata's ``load``) and ``last_refusal`` (the last 503, with
+its ``Retry-After``), each with a count that grows when a new one arrives, so that a planner
+holding the client learns from every answer without the pipeline handing them over.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from shared.errors import (
     ServiceUnavailableError,
 )
 from shared.predictions import Prediction
-from shared.schemas import ErrorBody, InferResponse, ModelMetadata, ProbeResponse, parse
+from shared.schemas import (
+    ErrorBody,
+    InferResponse,
+    LoadBody,
+    ModelMetadata,
+    ProbeResponse,
+    parse,
+)
 from shared.wire import CONTENT_TYPE
 
 __all__ = ["API_KEY_ENV", "Download", "Reply", "ServiceClient", "tls_verify"]
@@ -58,6 +70,7 @@ class Reply:
     batch_size: int
     round_trip_ms: float
     bytes_sent: int
+    load: LoadBody | None = None  # the service's load as the answer left
 
     @property
     def server_ms(self) -> float:
@@ -95,6 +108,10 @@ class ServiceClient:
             base_url=self.base_url, headers=headers, transport=transport, verify=verify,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4))
+        self.last_load: LoadBody | None = None  # from the latest answer or metadata carrying one
+        self.loads_seen = 0  # grows with every load received
+        self.last_refusal: ServiceUnavailableError | None = None  # the latest 503
+        self.refusals_seen = 0
 
     async def __aenter__(self) -> ServiceClient:
         return self
@@ -114,7 +131,9 @@ class ServiceClient:
 
     async def metadata(self, model: str, *, timeout_s: float | None = None) -> ModelMetadata:
         response = await self._request("GET", f"/v2/models/{model}", timeout_s=timeout_s)
-        return self._parse(ModelMetadata, response)
+        meta = self._parse(ModelMetadata, response)
+        self._saw_load(meta.load)
+        return meta
 
     async def infer_split(self, model: str, split: str, frame: bytes, *,
                           timeout_s: float | None = None, top_k: int = 5) -> Reply:
@@ -186,8 +205,13 @@ class ServiceClient:
         answer = self._parse(InferResponse, response)
         timings = answer.timings_ms
         predictions = tuple(Prediction(p.index, p.label, p.prob) for p in answer.top_k[0])
+        self._saw_load(answer.load)
         return Reply(predictions, timings.decode, timings.queue, timings.compute,
-                     answer.batch_size, round_trip_ms, len(body))
+                     answer.batch_size, round_trip_ms, len(body), answer.load)
+
+    def _saw_load(self, load: LoadBody | None) -> None:
+        if load is not None:
+            self.last_load, self.loads_seen = load, self.loads_seen + 1
 
     def _parse(self, body: type[Body], response: httpx.Response) -> Body:
         """The answer as ``body``: ``ServiceError`` naming the field if it breaks the contract."""
@@ -230,9 +254,12 @@ class ServiceClient:
                             status=status)
         if status >= 500:
             reason = "overloaded" if status == 503 else f"http_{status}"
-            raise ServiceUnavailableError(f"{self.base_url} answered {status}: {message}",
-                                          status=status, reason=reason,
-                                          retry_after_s=_retry_after_s(response))
+            error = ServiceUnavailableError(f"{self.base_url} answered {status}: {message}",
+                                            status=status, reason=reason,
+                                            retry_after_s=_retry_after_s(response))
+            if status == 503:
+                self.last_refusal, self.refusals_seen = error, self.refusals_seen + 1
+            raise error
         raise ServiceRejectedError(f"{self.base_url} answered {status}: {message}", status=status)
 
 

@@ -7,6 +7,19 @@ Every candidate for one inference is costed end to end, and the cheapest one win
     <split>  head on the device, tail in the service    total = head + encode + rtt + transfer
                                                                 + server (decode + tail + queue)
 
+where queue is the service's load as it reported it per candidate (``ServerProfile.load_ms``:
+the whole-model wait for ``cloud``, a tail's wait for a split point, nothing for ``device``),
+so a busy service makes ``cloud`` dearer than a late split, and both dearer than the device.
+
+Anti-stampede: a fleet of devices sees the same load step at once, and a fixed hysteresis would
+flip them all at the same request: the load then drops, and they all flip back. Two defences,
+both pure here and fed by the device: each device draws its own ``hysteresis`` once
+(``draw_hysteresis``, seeded, in [0.05, 0.3]: jittered hysteresis, so devices disagree about
+when a gain is worth it), and past its threshold it switches with a probability that grows with
+the gain (``switch_probability``, capped at 0.5 per request), from a uniform ``draw`` it passes
+to ``choose``. A small gain moves a few devices; the load they take off the service is seen by
+the rest before they move, and even a huge step spreads the flips over several requests.
+
 from measurements: ``DeviceProfile`` (timed on the device), ``ServerProfile`` (the service's
 ``GET /v2/models/{model}`` metadata, ``shared.schemas.ModelMetadata``) and ``LinkEstimate``
 (``device_client.link``).
@@ -36,13 +49,14 @@ What the model ignores, on purpose:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
 from shared.candidates import CLOUD, DEVICE
 from shared.errors import UnknownSplitPointError
-from shared.schemas import ModelMetadata, parse
+from shared.schemas import LoadBody, ModelMetadata, parse
 
 __all__ = [
     "CLOUD",
@@ -56,8 +70,11 @@ __all__ = [
     "Plan",
     "ServerProfile",
     "choose",
+    "draw_hysteresis",
     "estimate",
+    "load_figures",
     "serialization_ms",
+    "switch_probability",
     "switch_threshold_ms",
     "transfer_ms",
 ]
@@ -127,24 +144,43 @@ class DeviceProfile:
 @dataclass(frozen=True)
 class ServerProfile:
     """What the service reported: decode + compute ms at batch 1 per candidate it offers
-    (``CLOUD`` and split point names, as sorted ``(name, ms)`` pairs), and its queueing delay."""
+    (``CLOUD`` and split point names, as sorted ``(name, ms)`` pairs), its recent mean queueing
+    delay, and its load: the expected wait per candidate (sorted pairs; a candidate without one
+    waits ``queue_ms``, as with a service that reports no load)."""
 
     server_ms: tuple[tuple[str, float], ...]
     queue_ms: float = 0.0
+    load_ms: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if DEVICE in _check_unique([name for name, _ in self.server_ms]):
             raise ValueError("the service cannot offer the device candidate")
-        for name, ms in self.server_ms:
-            _check_name(name)
-            _check_finite(**{f"server_ms[{name!r}]": ms})
+        for pairs, what in ((self.server_ms, "server_ms"), (self.load_ms, "load_ms")):
+            for name, ms in pairs:
+                _check_name(name)
+                _check_finite(**{f"{what}[{name!r}]": ms})
+        if DEVICE in _check_unique([name for name, _ in self.load_ms]):
+            raise ValueError("the device candidate waits for no service")
         _check_finite(queue_ms=self.queue_ms)
         object.__setattr__(self, "server_ms", tuple(sorted(self.server_ms)))
+        object.__setattr__(self, "load_ms", tuple(sorted(self.load_ms)))
 
     @classmethod
-    def of(cls, server_ms: Mapping[str, float], *, queue_ms: float = 0.0) -> ServerProfile:
-        """Build from a mapping: ``ServerProfile.of({CLOUD: 8.0, "_blocks.5": 6.0})``."""
-        return cls(tuple(server_ms.items()), queue_ms)
+    def of(cls, server_ms: Mapping[str, float], *, queue_ms: float = 0.0,
+           load_ms: Mapping[str, float] | None = None) -> ServerProfile:
+        """Build from mappings: ``ServerProfile.of({CLOUD: 8.0, "_blocks.5": 6.0})``."""
+        return cls(tuple(server_ms.items()), queue_ms, tuple((load_ms or {}).items()))
+
+    def with_load(self, load_ms: Mapping[str, float]) -> ServerProfile:
+        """The same costs with another view of the load (the device's, from its answers)."""
+        return ServerProfile(self.server_ms, self.queue_ms, tuple(load_ms.items()))
+
+    def wait_ms(self, split: str) -> float:
+        """The expected queueing delay of ``split``: its load figure, else ``queue_ms``;
+        0 for ``device``."""
+        if split == DEVICE:
+            return 0.0
+        return dict(self.load_ms).get(split, self.queue_ms)
 
     @classmethod
     def from_metadata(
@@ -162,7 +198,8 @@ class ServerProfile:
         body = meta if isinstance(meta, ModelMetadata) else parse(ModelMetadata, meta)
         pairs = {CLOUD: body.server_ms, **{p.name: p.server_ms for p in body.split_points}}
         fill = {k: v if v is not None else missing_ms for k, v in pairs.items()}
-        return cls.of({k: v for k, v in fill.items() if v is not None}, queue_ms=body.queue_ms)
+        return cls.of({k: v for k, v in fill.items() if v is not None}, queue_ms=body.queue_ms,
+                      load_ms=load_figures(body.load, [p.name for p in body.split_points]))
 
     def ms(self, split: str) -> float | None:
         """Decode + compute ms for ``split``, or None if the service does not offer it."""
@@ -258,8 +295,9 @@ def estimate(cost: DeviceCost, server: ServerProfile, link: LinkEstimate) -> Est
     if compute_ms is None:
         raise UnknownSplitPointError(f"the service does not offer {cost.split!r}")
     # One RTT: request and answer ride one exchange on the kept-alive connection (no handshake).
-    # Queueing: the service's recent mean wait for a batch, added to its decode + compute.
-    server_ms = compute_ms + server.queue_ms
+    # Queueing: the service's load as the device last saw it (the whole-model wait for cloud, a
+    # tail's for a split), else its recent mean wait for a batch; added to decode + compute.
+    server_ms = compute_ms + server.wait_ms(cost.split)
     wire_ms = transfer_ms(cost.payload_bytes, link)
     total_ms = cost.head_ms + cost.encode_ms + link.rtt_ms + wire_ms + server_ms
     terms = (cost.head_ms, cost.encode_ms, cost.payload_bytes, wire_ms, link.rtt_ms, server_ms)
@@ -271,6 +309,51 @@ def switch_threshold_ms(current_total_ms: float, hysteresis: float, min_gain_ms:
     return max(hysteresis * current_total_ms, min_gain_ms)
 
 
+def load_figures(load: LoadBody | None, split_points: Iterable[str]) -> dict[str, float]:
+    """A ``LoadBody`` (an answer's or the metadata's) as ``{candidate: wait ms}``, for
+    ``ServerProfile.load_ms``; ``{}`` for a service that reports none.
+
+        >>> load_figures(LoadBody(queue_ms_whole=90.0, queue_ms_tail=20.0,
+        ...                       queue_ms_splits={"b": 25.0}), ["a", "b"])
+        {'cloud': 90.0, 'a': 20.0, 'b': 25.0}
+    """
+    if load is None:
+        return {}
+    return {CLOUD: load.queue_ms_whole,
+            **{name: load.queue_ms_splits.get(name, load.queue_ms_tail) for name in split_points}}
+
+
+HYSTERESIS_RANGE = (0.05, 0.3)
+MAX_SWITCH_PROBABILITY = 0.5
+
+
+def draw_hysteresis(seed: int | None = None) -> float:
+    """One device's own hysteresis, drawn once, uniform in ``HYSTERESIS_RANGE``: devices that
+    see the same load disagree about when moving pays, so they do not all move at once.
+
+        >>> draw_hysteresis(7) == draw_hysteresis(7)
+        True
+    """
+    low, high = HYSTERESIS_RANGE
+    return random.Random(seed).uniform(low, high)
+
+
+def switch_probability(gain_ms: float, threshold_ms: float) -> float:
+    """The chance of leaving the current candidate at one request when the best is faster by
+    ``gain_ms``: 0 up to the threshold, then growing with the excess gain, at most
+    ``MAX_SWITCH_PROBABILITY``, so that even a large step moves only part of a fleet per request.
+
+        >>> switch_probability(5.0, 10.0), switch_probability(15.0, 10.0)
+        (0.0, 0.25)
+        >>> switch_probability(1e6, 10.0)
+        0.5
+    """
+    if gain_ms <= threshold_ms:
+        return 0.0
+    excess = (gain_ms - threshold_ms) / max(threshold_ms, 1e-9)
+    return min(MAX_SWITCH_PROBABILITY, excess / 2)
+
+
 def choose(
     device: DeviceProfile,
     server: ServerProfile,
@@ -279,13 +362,16 @@ def choose(
     current: str | None = None,
     hysteresis: float = 0.1,
     min_gain_ms: float = 1.0,
+    draw: float | None = None,
 ) -> Plan:
     """Cost every candidate both sides offer (``device`` always) and pick the fastest.
 
     Ties go to the earliest in candidate order (device, cloud, split points). With ``current``
     still offered, it is kept unless the best is faster by more than
     ``max(hysteresis * current_total, min_gain_ms)``: estimates are noisy, and flapping between
-    two near-equal cuts costs cold caches on both sides for nothing.
+    two near-equal cuts costs cold caches on both sides for nothing. With ``draw`` (a uniform
+    number in [0, 1) the caller drew), a switch past the threshold happens only when ``draw <
+    switch_probability(gain, threshold)``: the fleet's anti-stampede rule (module docstring).
 
     With ``device`` and ``server`` the two sides' profiles::
 
@@ -296,10 +382,12 @@ def choose(
     rows = tuple(estimate(c, server, link) for c in _offered(device.costs, server))
     best = min(rows, key=lambda e: e.total_ms)  # min() keeps the first of equal totals
     kept = next((e for e in rows if e.split == current), None)
-    if kept is not None and kept.total_ms - best.total_ms <= switch_threshold_ms(
-        kept.total_ms, hysteresis, min_gain_ms
-    ):
-        best = kept
+    if kept is not None:
+        gain_ms = kept.total_ms - best.total_ms
+        threshold_ms = switch_threshold_ms(kept.total_ms, hysteresis, min_gain_ms)
+        if gain_ms <= threshold_ms or (
+                draw is not None and draw >= switch_probability(gain_ms, threshold_ms)):
+            best = kept
     return Plan(best.split, rows)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "ErrorBody",
     "InferResponse",
     "LiveBody",
+    "LoadBody",
     "ModelMetadata",
     "ModelReady",
     "OipRequest",
@@ -100,6 +101,20 @@ class SplitPointBody(BaseModel):
         None, description="Decode + tail at batch 1, measured at start-up, refreshed live")
 
 
+class LoadBody(BaseModel):
+    """The service's load when it answered: what a request sent now would wait before its
+    answer, beyond the decode + compute the planner already counts (``server_ms``). One compute
+    thread serves every candidate, so the queued work is shared; the candidates differ by the
+    other requests their own forward pass carries."""
+
+    queue_ms_whole: Ms = Field(description="Expected wait of a whole-model request (`cloud`)")
+    queue_ms_tail: Ms = Field(
+        description="Expected wait of a tail request whose split point is not in queue_ms_splits")
+    queue_ms_splits: dict[str, Ms] = Field(
+        default_factory=dict, description="Split points whose expected wait differs from tail's")
+    queued: int = Field(0, ge=0, description="Requests waiting for a forward pass")
+
+
 class ModelMetadata(BaseModel):
     name: str
     versions: list[str]
@@ -111,6 +126,7 @@ class ModelMetadata(BaseModel):
     server_ms: Ms | None = Field(
         None, description="JPEG decode + whole model at batch 1 (the `cloud` candidate)")
     queue_ms: Ms = Field(0.0, description="Recent mean time requests waited for a batch")
+    load: LoadBody | None = Field(None, description="The load now (absent from older services)")
     split_points: list[SplitPointBody]
 
     @model_validator(mode="after")
@@ -143,6 +159,7 @@ class InferResponse(BaseModel):
         min_length=1, description="One list per sample in the request")
     timings_ms: TimingsBody
     batch_size: int = Field(ge=1, description="Requests in the forward pass that answered this one")
+    load: LoadBody | None = Field(None, description="The load as this answer left")
 
 
 class OipTensor(BaseModel):

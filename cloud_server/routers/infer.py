@@ -178,7 +178,7 @@ async def _answer(service: Service, runtime: ModelRuntime, key: str,
                for row in top_k(result.output, runtime.labels, k)],
         timings_ms=TimingsBody(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),
                                compute=round(result.compute_ms, 3)),
-        batch_size=result.batch_size)
+        batch_size=result.batch_size, load=service.load(runtime))
 
 
 def _timeout_s(service: Service, timeout_ms: float | None) -> float:

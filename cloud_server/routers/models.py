@@ -12,6 +12,7 @@ from cloud_server.service import ServiceDep
 from shared.candidates import WHOLE_MODEL
 from shared.schemas import (
     ErrorBody,
+    LoadBody,
     ModelMetadata,
     OipTensorMetadata,
     SplitPointBody,
@@ -21,7 +22,8 @@ from shared.schemas import (
 router = APIRouter(tags=["models"], dependencies=[Security(bearer)])
 
 
-def metadata(runtime: ModelRuntime, queue_ms: float) -> ModelMetadata:
+def metadata(runtime: ModelRuntime, queue_ms: float, load: LoadBody | None = None
+             ) -> ModelMetadata:
     c, h, w = runtime.spec.input_shape[1:]
     server_ms = dict(runtime.server_ms)
     return ModelMetadata(
@@ -35,6 +37,7 @@ def metadata(runtime: ModelRuntime, queue_ms: float) -> ModelMetadata:
         preprocessing=asdict(runtime.spec.preprocessing),
         server_ms=server_ms.get(WHOLE_MODEL),
         queue_ms=round(queue_ms, 3),
+        load=load,
         split_points=[
             SplitPointBody(
                 name=p.name, index=p.index, float32_bytes=p.float32_bytes,
@@ -48,4 +51,5 @@ def metadata(runtime: ModelRuntime, queue_ms: float) -> ModelMetadata:
             responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
 async def model_metadata(model: str, service: ServiceDep) -> ModelMetadata:
     """OIP model metadata, plus ``fingerprint``, ``split_points`` and measured ``server_ms``."""
-    return metadata(service.runtime(model), service.queue_ms)
+    runtime = service.runtime(model)
+    return metadata(runtime, service.queue_ms, service.load(runtime))

@@ -20,8 +20,9 @@ from typing import Self
 
 __all__ = ["Answer", "JsonService", "LoopbackServer"]
 
-#: ``(method, path) -> (status, body)``; a ``bytes`` body is sent as is, anything else as JSON.
-Answer = Callable[[str, str], tuple[int, object]]
+#: ``(method, path) -> (status, body)`` or ``(status, body, headers)``; a ``bytes`` body is sent
+#: as is, anything else as JSON.
+Answer = Callable[[str, str], tuple[int, object] | tuple[int, object, dict[str, str]]]
 
 
 class LoopbackServer:
@@ -63,10 +64,12 @@ def _handler(answer: Answer, log: list[tuple[str, str]]) -> type[BaseHTTPRequest
             self.rfile.read(length)  # drain the body, or the connection's next request breaks
             path = self.path.split("?", 1)[0]
             log.append((self.command, path))
-            status, body = answer(self.command, path)
+            status, body, *extra = answer(self.command, path)
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            for name, value in (extra[0] if extra else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
