@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import fx, nn
 
-from shared import codec, wire
+from shared import codec_torch, wire
 from shared.errors import ConfigError
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.models.registry import Weights
@@ -28,7 +28,7 @@ class EncodeOptions:
 
     ``granularity``: ``tensor`` (one scale), ``channel`` (one per channel), or ``auto``: per
     tensor unless the channels' ranges differ so much that one scale would starve most of them
-    (``codec.prefers_per_channel``).
+    (``codec_torch.prefers_per_channel``).
     """
 
     granularity: Granularity = "auto"
@@ -43,7 +43,7 @@ class EncodeOptions:
 
     def per_channel(self, t: torch.Tensor) -> bool:
         if self.granularity == "auto":
-            return codec.prefers_per_channel(t)
+            return codec_torch.prefers_per_channel(t)
         return self.granularity == "channel" and t.dim() >= 2
 
 
@@ -127,5 +127,5 @@ class DeviceRuntime:
         return wire.encode(wire.Frame(
             model=self.name, fingerprint=self.fingerprint, split=point.name,
             request_id=request_id,
-            tensors=tuple(codec.encode_tensor(t, per_channel=options.per_channel(t),
+            tensors=tuple(codec_torch.encode_tensor(t, per_channel=options.per_channel(t),
                                               level=options.zstd_level) for t in tensors)))
