@@ -345,5 +345,6 @@ def reference_photo() -> Image.Image:
     Profiles are timed and sized on it: compressed activations and JPEGs of a synthetic image
     would be far smaller than a photo's, and the planner would trust the wrong payload sizes.
     """
-    data = importlib.resources.files("shared.models").joinpath("data", "chelsea_224.jpg")
+    # From "shared", not "shared.models": importing that package imports torch.
+    data = importlib.resources.files("shared").joinpath("models", "data", "chelsea_224.jpg")
     return load_image(data.read_bytes())

@@ -41,3 +41,12 @@ def test_all_at_once() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_reference_photo_loads_without_torch() -> None:
+    # Profiles (and so --split auto) time the device on it.
+    code = ("import sys; from shared.preprocess import reference_photo; reference_photo(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"
