@@ -14,7 +14,7 @@ import torch
 
 from cloud_server.backend import BACKENDS, Backend
 from cloud_server.backend_torch import TorchBackend
-from shared import codec, wire
+from shared import codec_torch, wire
 from shared.candidates import WHOLE_MODEL
 from shared.errors import BundleMismatchError, ConfigError
 from shared.inbound import decode_frame
@@ -123,7 +123,7 @@ class ModelRuntime:
                 acts = head(x)
             frame = wire.encode(wire.Frame(
                 model=self.name, fingerprint=self.fingerprint, split=point.name,
-                request_id="profile", tensors=tuple(codec.encode_tensor(a) for a in acts)))
+                request_id="profile", tensors=tuple(codec_torch.encode_tensor(a) for a in acts)))
 
             def step(frame: bytes = frame, point: SplitPoint = point) -> None:
                 _, inputs, _ = self.decode_frame(frame, point, max_frame_bytes=len(frame) + 1,

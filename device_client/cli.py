@@ -15,20 +15,18 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from device_client.auto import AutoSplit
 from device_client.client import API_KEY_ENV, ServiceClient, tls_verify
 from device_client.export_cmd import add_parser as add_export_parser
 from device_client.export_cmd import run as run_export
-from device_client.pipeline import Device
+from device_client.options import EncodeOptions
+from device_client.pipeline import Device, Runtime
 from device_client.plan_cmd import device_profile, run_plan, run_profile
 from device_client.profile import REPEATS, measure_candidate
 from device_client.results import InferenceResult
-from device_client.runtime import DeviceRuntime, EncodeOptions
+from device_client.runtimes import open_runtime
 from shared import cliargs
 from shared.candidates import AUTO, CLOUD, DEVICE
-from shared.cpu import cpu_limit
 from shared.errors import SplitServeError
 from shared.preprocess import load_image
 
@@ -55,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser("profile", help="measure what each candidate costs on this device "
                                              "(cached)")
-    _model_args(profile)
+    _common(profile)
     profile.add_argument("--repeats", type=cliargs.integer(at_least=1), default=REPEATS,
                          help=f"rounds of timed runs, one of each candidate per round "
                               f"(default {REPEATS})")
@@ -75,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "sample photos, split and unsplit")
     demo.add_argument("--model", default=DEFAULT_MODEL)
     demo.add_argument("--split", default=None, help="split point (default: a middle one)")
+    _runtime_args(demo)
     add_export_parser(sub, default_model=DEFAULT_MODEL)
     return p
 
@@ -90,8 +89,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     _model_args(p)
 
 
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["onnx", "torch"], default="onnx",
+                   help="onnx (default): the model's ONNX bundle on ONNX Runtime, no torch; "
+                        "torch: eager PyTorch (needs the [torch] extra)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="the device's head and whole model (default fp32); int8 needs an "
+                        "--bundle exported with --int8")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    _runtime_args(p)
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="a local bundle (from `device_client export`) for --runtime onnx; "
+                        "default: the service's, downloaded once and cached")
     p.add_argument("--weights", default=None,
                    help="checkpoint path (default: the model's own weights)")
     p.add_argument("--quantization", choices=["auto", "tensor", "channel"], default="auto",
@@ -110,18 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from device_client.demo import run_demo
 
-            return run_demo(model=args.model, split=args.split)
+            return run_demo(model=args.model, split=args.split, runtime=args.runtime,
+                            precision=args.precision)
         if args.command == "export":
             return run_export(args)
-        if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
-            torch.set_num_threads(cpu_limit())  # the board's share of CPU, not every core seen
-        runtime = DeviceRuntime(args.model, weights=args.weights)
         options = EncodeOptions(granularity=args.quantization, zstd_level=args.zstd_level)
         if args.command == "profile":
-            return run_profile(args, runtime, options)
+            return run_profile(args, asyncio.run(_open(args)), options)
         if args.command == "plan":
-            return asyncio.run(run_plan(args, runtime, options))
-        return asyncio.run(_infer(args, runtime, options))
+            return asyncio.run(_plan(args, options))
+        return asyncio.run(_infer(args, options))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -139,12 +149,29 @@ def _fail(exc: BaseException, prefix: str = "") -> int:
     return 1
 
 
-async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: EncodeOptions
-                 ) -> int:
+def _client(args: argparse.Namespace) -> ServiceClient:
+    return ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout,
+                         verify=tls_verify(args.ca_cert))
+
+
+async def _open(args: argparse.Namespace, client: ServiceClient | None = None) -> Runtime:
+    if client is not None or args.runtime == "torch" or args.bundle is not None:
+        return await open_runtime(args.runtime, args.model, precision=args.precision,
+                                  weights=args.weights, bundle=args.bundle, client=client)
+    async with _client(args) as own:
+        return await open_runtime(args.runtime, args.model, precision=args.precision,
+                                  weights=args.weights, bundle=args.bundle, client=own)
+
+
+async def _plan(args: argparse.Namespace, options: EncodeOptions) -> int:
+    return await run_plan(args, await _open(args), options)
+
+
+async def _infer(args: argparse.Namespace, options: EncodeOptions) -> int:
     failures = 0
     needs_service = args.split != DEVICE
-    async with ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout,
-                             verify=tls_verify(args.ca_cert)) as client:
+    async with _client(args) as client:
+        runtime = await _open(args, client)
         auto = None
         if args.split == AUTO:
             auto = AutoSplit(client, device_profile(runtime, options,
@@ -167,7 +194,7 @@ async def _infer(args: argparse.Namespace, runtime: DeviceRuntime, options: Enco
     return 1 if failures else 0
 
 
-def _print(result: InferenceResult, runtime: DeviceRuntime, as_json: bool) -> None:
+def _print(result: InferenceResult, runtime: Runtime, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result.to_json()), flush=True)
         return

@@ -15,26 +15,28 @@ from rich.table import Table
 
 from device_client.client import ServiceClient
 from device_client.local_service import LocalService
-from device_client.pipeline import DEVICE, Device
-from device_client.runtime import DeviceRuntime
+from device_client.pipeline import DEVICE, Device, Runtime
+from device_client.runtimes import open_runtime
 from device_client.samples import sample_photos
 
 __all__ = ["run_demo"]
 
 
-def run_demo(*, model: str, split: str | None = None) -> int:
+def run_demo(*, model: str, split: str | None = None, runtime: str = "onnx",
+             precision: str = "fp32") -> int:
+    """``runtime`` onnx fetches the service's bundle (the service exports it at start-up)."""
     console = Console()
     photos = sample_photos()
-    with console.status(f"loading {model} on the device"):
-        runtime = DeviceRuntime(model)
-    point = runtime.point(split) if split is not None else runtime.middle_point()
     with console.status("starting the cloud service on loopback (loads, warms up, profiles)"):
         service = LocalService(models=[model]).start()
     try:
+        with console.status(f"loading {model} on the device ({runtime} {precision})"):
+            rt = asyncio.run(_open(runtime, model, precision, service.url))
+        point = rt.point(split) if split is not None else rt.middle_point()
         console.print(f"service ready at {service.url}; cutting {model} after "
                       f"[bold]{point.name}[/] (split point {point.index} of "
-                      f"{len(runtime.points)}), {point.float32_bytes:,} float32 bytes per image")
-        agree = asyncio.run(_classify(console, runtime, service.url, point.name, photos))
+                      f"{len(rt.points)}), {point.float32_bytes:,} float32 bytes per image")
+        agree = asyncio.run(_classify(console, rt, service.url, point.name, photos))
     finally:
         with console.status("stopping the service"):
             service.stop()
@@ -42,7 +44,12 @@ def run_demo(*, model: str, split: str | None = None) -> int:
     return 0 if agree == len(photos) else 1
 
 
-async def _classify(console: Console, runtime: DeviceRuntime, url: str, split: str,
+async def _open(runtime: str, model: str, precision: str, url: str) -> Runtime:
+    async with ServiceClient(url) as client:
+        return await open_runtime(runtime, model, precision=precision, client=client)
+
+
+async def _classify(console: Console, runtime: Runtime, url: str, split: str,
                     photos: dict[str, Image.Image]) -> int:
     table = Table(title=f"{runtime.name} cut after {split} vs. unsplit on the device")
     table.add_column("photo")

@@ -3,7 +3,7 @@
 The same shape of API as ``device_client.runtime.DeviceRuntime`` (``points``, ``point``,
 ``middle_point``, ``run_full``, ``run_head``, ``run_tail``, ``encode``), with numpy arrays where
 that one takes torch tensors. Importing and running it loads no torch; ``encode`` goes through
-``shared.codec_numpy`` (whose frame type still lives in the torch codec module for now).
+``shared.codec``'s numpy encoder.
 
     rt = OnnxDeviceRuntime("bundles/efficientnet_lite0", precision="int8", threads=1)
     point = rt.point("_blocks.8")
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image
 
+from shared import codec, wire
 from shared.bundle import Bundle, BundlePoint, load_bundle
 from shared.errors import ConfigError
 from shared.ortsession import open_session
@@ -108,20 +109,18 @@ class OnnxDeviceRuntime:
 
         ``options`` is a ``device_client.runtime.EncodeOptions`` (its granularity and zstd level).
         """
-        from shared import codec_numpy, wire  # the frame types still import torch: see above
-
         granularity = options.granularity if options is not None else "auto"
         level = options.zstd_level if options is not None else 3
 
         def per_channel(a: np.ndarray) -> bool:
             if granularity == "auto":
-                return codec_numpy.prefers_per_channel_array(a)
+                return codec.prefers_per_channel_array(a)
             return granularity == "channel" and a.ndim >= 2
 
         return wire.encode(wire.Frame(
             model=self.name, fingerprint=self.fingerprint, split=point.name,
             request_id=request_id,
-            tensors=tuple(codec_numpy.encode_array(a, per_channel=per_channel(a), level=level)
+            tensors=tuple(codec.encode_array(a, per_channel=per_channel(a), level=level)
                           for a in arrays)))
 
     def _run(self, file_name: str, outputs: list[str], feed: dict[str, np.ndarray]

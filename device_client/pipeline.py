@@ -14,22 +14,35 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any, Protocol
 
-import torch
 from PIL import Image
 
 from device_client.auto import AutoSplit
 from device_client.breaker import CircuitBreaker
 from device_client.client import Reply, ServiceClient
+from device_client.options import EncodeOptions
+from device_client.profile import ProfiledRuntime
 from device_client.results import InferenceResult, Ran, Timings
-from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared.candidates import AUTO, CLOUD, DEVICE
 from shared.errors import ConfigError, ServiceUnavailableError
-from shared.partition import SplitPoint
 from shared.predictions import Prediction, top_k
-from shared.preprocess import center_crop, encode_jpeg, to_tensor
+from shared.preprocess import center_crop, encode_jpeg
 
-__all__ = ["AUTO", "CLOUD", "DEVICE", "Device"]  # the names re-exported from shared.candidates
+__all__ = ["AUTO", "CLOUD", "DEVICE", "Device", "Runtime"]  # AUTO.. re-exported from candidates
+
+
+class Runtime(ProfiledRuntime, Protocol):
+    """What the device runs: ``OnnxDeviceRuntime`` (numpy, the default) or the torch
+    ``DeviceRuntime``. Inputs, activations and logits are that runtime's arrays."""
+
+    labels: Any  # a sequence of class names
+
+    def point(self, key: str | int) -> Any: ...
+
+    def middle_point(self) -> Any: ...
+
+    def run_tail(self, point: Any, tensors: Any) -> Any: ...
 
 
 class Device:
@@ -38,11 +51,11 @@ class Device:
     In a coroutine::
 
         async with ServiceClient(url) as client:
-            device = Device(DeviceRuntime("efficientnet_lite0"), client)
+            device = Device(OnnxDeviceRuntime(bundle_dir), client)
             result = await device.infer(load_image("cat.jpg"), split="_blocks.5")
     """
 
-    def __init__(self, runtime: DeviceRuntime, client: ServiceClient | None, *,
+    def __init__(self, runtime: Runtime, client: ServiceClient | None, *,
                  options: EncodeOptions | None = None, jpeg_quality: int = 90,
                  timeout_s: float = 30.0, fallback: bool = True,
                  auto: AutoSplit | None = None, breaker: CircuitBreaker | None = None) -> None:
@@ -75,7 +88,8 @@ class Device:
             raise ConfigError("--split auto needs a service and a device profile")
         if split in (DEVICE, CLOUD, AUTO):
             return split
-        return self.runtime.point(split).name
+        name: str = self.runtime.point(split).name
+        return name
 
     async def infer(self, image: Image.Image, *, split: str, name: str = "") -> InferenceResult:
         """Classify one image, cutting the network at ``split`` (``auto``: the planner's pick)."""
@@ -101,7 +115,7 @@ class Device:
 
     async def _run(self, image: Image.Image, chosen: str, name: str, requested: str
                    ) -> InferenceResult:
-        crop = center_crop(image, self.runtime.spec.preprocessing)
+        crop = center_crop(image, self.runtime.preprocessing)
         if chosen == DEVICE:
             return self._local(crop, name, requested)
         if self.client is None:
@@ -120,7 +134,7 @@ class Device:
 
     def _local(self, crop: Image.Image, name: str, requested: str, *, split: str = DEVICE,
                fallback: str | None = None) -> InferenceResult:
-        x = to_tensor(crop, self.runtime.spec.preprocessing)
+        x = self.runtime.prepare(crop)
         started = time.perf_counter()
         logits = self.runtime.run_full(x)
         head_ms = (time.perf_counter() - started) * 1e3
@@ -137,14 +151,14 @@ class Device:
             reply = await self._call(lambda t: client.classify(self.runtime.name, jpeg,
                                                                timeout_s=t), started)
         except ServiceUnavailableError as exc:
-            x = to_tensor(crop, self.runtime.spec.preprocessing)
+            x = self.runtime.prepare(crop)
             return self._fall_back(exc, name, CLOUD, requested, len(jpeg), started,
                                    Timings(encode=encode_ms), lambda: self.runtime.run_full(x))
         return self._answered(name, CLOUD, CLOUD, requested, reply, 0.0, encode_ms, started)
 
-    async def _split(self, crop: Image.Image, point: SplitPoint, name: str, requested: str
+    async def _split(self, crop: Image.Image, point: Any, name: str, requested: str
                      ) -> InferenceResult:
-        x = to_tensor(crop, self.runtime.spec.preprocessing)
+        x = self.runtime.prepare(crop)
         started = time.perf_counter()
         acts = self.runtime.run_head(point, x)
         head_done = time.perf_counter()
@@ -198,7 +212,7 @@ class Device:
 
     def _fall_back(self, exc: ServiceUnavailableError, name: str, split: str, requested: str,
                    bytes_sent: int, started: float, partial: Timings,
-                   finish: Callable[[], torch.Tensor]) -> InferenceResult:
+                   finish: Callable[[], Any]) -> InferenceResult:
         """Finish locally after the service failed, or re-raise if fallback is off."""
         if not self.fallback:
             raise exc
@@ -216,6 +230,6 @@ class Device:
         return (f"the service failed {self.breaker.failure_threshold} times in a row; "
                 f"next try in {self.breaker.seconds_until_retry():.1f} s")
 
-    def _top5(self, logits: torch.Tensor) -> tuple[Prediction, ...]:
+    def _top5(self, logits: Any) -> tuple[Prediction, ...]:
         return top_k(logits, self.runtime.labels, 5)[0]
 

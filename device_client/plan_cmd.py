@@ -14,8 +14,8 @@ from rich.text import Text
 
 from device_client.client import ServiceClient, tls_verify
 from device_client.link import LinkEstimator, probe
+from device_client.options import EncodeOptions
 from device_client.profile import REPEATS, ProfiledRuntime, load_or_measure
-from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared.errors import ConfigError
 from shared.planner import DeviceProfile, LinkEstimate, Plan, ServerProfile, choose
 
@@ -48,7 +48,7 @@ def device_profile(runtime: ProfiledRuntime, options: EncodeOptions, *, jpeg_qua
     return result
 
 
-def run_profile(args: argparse.Namespace, runtime: DeviceRuntime, options: EncodeOptions) -> int:
+def run_profile(args: argparse.Namespace, runtime: ProfiledRuntime, options: EncodeOptions) -> int:
     profile, path, measured = device_profile(runtime, options, jpeg_quality=args.jpeg_quality,
                                              repeats=args.repeats, force=args.force)
     if args.json:
@@ -69,7 +69,7 @@ def run_profile(args: argparse.Namespace, runtime: DeviceRuntime, options: Encod
     return 0
 
 
-async def run_plan(args: argparse.Namespace, runtime: DeviceRuntime, options: EncodeOptions
+async def run_plan(args: argparse.Namespace, runtime: ProfiledRuntime, options: EncodeOptions
                    ) -> int:
     profile, _, _ = device_profile(runtime, options, jpeg_quality=args.jpeg_quality)
     async with ServiceClient(args.server, api_key=args.api_key, timeout_s=args.timeout,

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from device_client.options import EncodeOptions
 from device_client.profile_rules import monotone_heads
-from device_client.runtime import EncodeOptions
 from shared.candidates import CLOUD, DEVICE
 from shared.cpu import cgroup_quota
 from shared.errors import ConfigError

@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from PIL import Image
 from torch import fx, nn
 
-from shared import codec, wire
-from shared.errors import ConfigError
+from device_client.options import EncodeOptions
+from shared import codec_torch, wire
 from shared.models import ModelSpec, fingerprint, get_model, get_spec, imagenet_labels
 from shared.models.registry import Weights
 from shared.partition import Partitioner, SplitPoint
 from shared.preprocess import Preprocessing, to_tensor
 
 __all__ = ["DeviceRuntime", "EncodeOptions"]
-
-
-Granularity = Literal["auto", "tensor", "channel"]
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    """How activations are put on the wire.
-
-    ``granularity``: ``tensor`` (one scale), ``channel`` (one per channel), or ``auto``: per
-    tensor unless the channels' ranges differ so much that one scale would starve most of them
-    (``codec.prefers_per_channel``).
-    """
-
-    granularity: Granularity = "auto"
-    zstd_level: int = 3
-
-    def __post_init__(self) -> None:
-        if self.granularity not in ("auto", "tensor", "channel"):
-            raise ConfigError(f"granularity must be auto, tensor or channel, "
-                              f"got {self.granularity!r}")
-        if not 1 <= self.zstd_level <= 22:
-            raise ConfigError(f"zstd level must be 1..22, got {self.zstd_level}")
-
-    def per_channel(self, t: torch.Tensor) -> bool:
-        if self.granularity == "auto":
-            return codec.prefers_per_channel(t)
-        return self.granularity == "channel" and t.dim() >= 2
 
 
 class DeviceRuntime:
@@ -127,5 +96,5 @@ class DeviceRuntime:
         return wire.encode(wire.Frame(
             model=self.name, fingerprint=self.fingerprint, split=point.name,
             request_id=request_id,
-            tensors=tuple(codec.encode_tensor(t, per_channel=options.per_channel(t),
+            tensors=tuple(codec_torch.encode_tensor(t, per_channel=options.per_channel(t),
                                               level=options.zstd_level) for t in tensors)))

@@ -23,9 +23,13 @@ rounding. Decoding is safe on hostile input: ``EncodedTensor`` validates itself 
 and the decompressed size is computed from the shape *before* zstd runs, must match the frame
 header, and caps the output buffer. Any problem raises ``CodecError``.
 
-    >>> enc = encode_tensor(torch.zeros(1, 1280))
-    >>> enc.quant, enc.codec, decode_tensor(enc).shape
-    ('affine_u8', 'zstd', torch.Size([1, 1280]))
+The core is numpy: the device encodes arrays (``encode_array``) and imports no torch. The service
+decodes into torch tensors with ``shared.codec_torch`` (torch side), which also encodes tensors
+for the torch device; both encoders write the same bytes for the same float32 values.
+
+    >>> enc = encode_array(np.zeros((1, 1280), np.float32))
+    >>> enc.quant, enc.codec, enc.shape, len(decompress(enc))
+    ('affine_u8', 'zstd', (1, 1280), 1280)
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 import zstandard
 
 from shared.errors import CodecError
-from shared.tensorspec import ALLOWED_DTYPES, MAX_NDIM, torch_dtype
+from shared.tensorspec import ALLOWED_DTYPES, DTYPE_ITEMSIZE, MAX_NDIM
 
 __all__ = [
     "CODECS",
@@ -45,9 +49,10 @@ __all__ = [
     "MAX_NUMEL",
     "QUANTS",
     "EncodedTensor",
-    "decode_tensor",
-    "encode_tensor",
-    "prefers_per_channel",
+    "decompress",
+    "encode_array",
+    "prefers_per_channel_array",
+    "zstd_compress",
 ]
 
 QUANTS: tuple[str, ...] = ("affine_u8", "none")
@@ -60,11 +65,10 @@ MAX_NUMEL = 2**28
 MAX_CHANNELS = 8192
 
 # ZSTD_minCLevel() and ZSTD_maxCLevel() of libzstd; negative levels are its fast modes.
-_MIN_LEVEL = -(1 << 17)
-_MAX_LEVEL: int = zstandard.MAX_COMPRESSION_LEVEL
-# Smallest normal float32. Scales below it would be subnormal: slow on x86, and imprecise.
-_MIN_SCALE = 2.0**-126
-_DTYPE_NAMES = {torch_dtype(name): name for name in ALLOWED_DTYPES}
+MIN_LEVEL = -(1 << 17)
+MAX_LEVEL: int = zstandard.MAX_COMPRESSION_LEVEL
+#: Smallest normal float32. Scales below it would be subnormal: slow on x86, and imprecise.
+MIN_SCALE = 2.0**-126
 
 
 def _zstd_bound(n: int) -> int:
@@ -76,10 +80,11 @@ def _valid_scales(scale: tuple[float, ...]) -> bool:
     """True if every scale is a float, finite, > 0 and exactly representable as float32."""
     if any(type(s) is not float for s in scale):
         return False
-    s64 = torch.tensor(scale, dtype=torch.float64)
+    s64 = np.asarray(scale, dtype=np.float64)
     # Casting to float32 turns too-large values into inf and too-small ones into 0.
-    s32 = s64.float()
-    return bool((torch.isfinite(s32) & (s32 > 0) & (s32.double() == s64)).all())
+    with np.errstate(over="ignore", under="ignore"):
+        s32 = s64.astype(np.float32)
+    return bool((np.isfinite(s32) & (s32 > 0) & (s32.astype(np.float64) == s64)).all())
 
 
 @dataclass(frozen=True)
@@ -153,180 +158,112 @@ class EncodedTensor:
     @property
     def raw_nbytes(self) -> int:
         """Byte length of ``data`` once decompressed, implied by shape, quant and dtype."""
-        itemsize = 1 if self.quant == "affine_u8" else torch_dtype(self.dtype).itemsize
+        itemsize = 1 if self.quant == "affine_u8" else DTYPE_ITEMSIZE[self.dtype]
         return math.prod(self.shape) * itemsize
-
-
-def encode_tensor(
-    t: torch.Tensor,
-    *,
-    per_channel: bool = False,
-    quant: str = "affine_u8",
-    codec: str = "zstd",
-    level: int = 3,
-) -> EncodedTensor:
-    """Quantize and compress a float tensor.
-
-    ``per_channel`` gives every index of axis 1 (C of NCHW, the features of NC) its own scale,
-    at about 6 bytes of frame per channel: worth it for NCHW maps whose channels differ in range,
-    not for NC vectors with one element per channel.
-    ``codec="zstd"`` falls back to ``"none"`` when zstd would not make the data smaller.
-    Bad arguments raise ``ValueError``; non-finite values raise ``CodecError``.
-
-        >>> enc = encode_tensor(torch.rand(1, 24, 56, 56) * 6, per_channel=True)
-        >>> len(enc.scale), enc.axis
-        (24, 1)
-    """
-    if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPE_NAMES:
-        raise ValueError(f"expected a tensor of dtype {ALLOWED_DTYPES}")
-    if not 1 <= t.dim() <= MAX_NDIM or t.numel() == 0 or t.numel() > MAX_NUMEL:
-        raise ValueError(f"cannot encode a tensor of shape {tuple(t.shape)}")
-    if quant not in QUANTS or codec not in CODECS:
-        raise ValueError(f"quant must be in {QUANTS} and codec in {CODECS}")
-    if type(level) is not int or not _MIN_LEVEL <= level <= _MAX_LEVEL:
-        raise ValueError(f"zstd level must be an int in [{_MIN_LEVEL}, {_MAX_LEVEL}]")
-    if per_channel and (quant != "affine_u8" or t.dim() < 2 or t.shape[1] > MAX_CHANNELS):
-        raise ValueError(
-            f"per_channel needs affine_u8 and 2+ dims with <= {MAX_CHANNELS} on axis 1"
-        )
-    t = t.detach().cpu()
-    scale: tuple[float, ...] = ()
-    zp: tuple[int, ...] = ()
-    axis = 1 if per_channel else None
-    if quant == "none":
-        if not bool(torch.isfinite(t).all()):
-            raise CodecError("tensor has NaN or infinite values")
-        raw = _tensor_bytes(t)
-    else:
-        q, scale, zp = _quantize(t.float(), axis)
-        raw = _tensor_bytes(q)
-    data = b""
-    if codec == "zstd":
-        # Content size in the header lets the decoder check the size before it allocates; the
-        # checksum turns a corrupted payload into an error instead of a silently wrong answer.
-        cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
-        data = cctx.compress(raw)
-        if len(data) >= len(raw):
-            codec = "none"
-    if codec == "none":
-        data = bytes(raw)
-    return EncodedTensor(
-        shape=tuple(t.shape),
-        dtype=_DTYPE_NAMES[t.dtype],
-        quant=quant,
-        scale=scale,
-        zero_point=zp,
-        axis=axis,
-        codec=codec,
-        data=data,
-    )
-
-
-def decode_tensor(enc: EncodedTensor) -> torch.Tensor:
-    """Decompress and dequantize; returns a contiguous tensor of ``enc.shape`` and ``enc.dtype``.
-
-    Every value is finite. Raises ``CodecError`` on corrupt data.
-
-        >>> x = torch.tensor([[0.0, 1.5, 3.0]])
-        >>> decode_tensor(encode_tensor(x, quant="none")).equal(x)
-        True
-    """
-    raw = _decompress(enc)
-    # frombuffer warns on read-only bytes; a private bytearray also keeps the output from
-    # aliasing enc.data.
-    q = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    dtype = torch_dtype(enc.dtype)
-    if enc.quant == "none":
-        out = q.view(dtype).view(enc.shape)
-        if not bool(torch.isfinite(out).all()):
-            raise CodecError("tensor has NaN or infinite values")
-        return out
-    x = q.view(enc.shape).to(torch.float32)
-    if enc.axis is None:
-        x.sub_(enc.zero_point[0]).mul_(enc.scale[0])
-    else:
-        bshape = [1] * len(enc.shape)
-        bshape[enc.axis] = -1
-        x.sub_(torch.tensor(enc.zero_point, dtype=torch.float32).view(bshape))
-        x.mul_(torch.tensor(enc.scale, dtype=torch.float32).view(bshape))
-    finfo = torch.finfo(dtype)
-    if 255.0 * max(enc.scale) > finfo.max:
-        # Only hostile or extreme scales reach here; clamping keeps the output finite.
-        x.clamp_(finfo.min, finfo.max)
-    return x.to(dtype)
 
 
 #: Per channel pays when one scale for the whole tensor would leave the median channel fewer
 #: than 5 of its 8 bits (its range under 1/8 of the tensor's): a BatchNorm output before its
 #: activation, typically. Post-ReLU maps share one range and stay per tensor.
-_PER_CHANNEL_SPREAD = 1 / 8
+PER_CHANNEL_SPREAD = 1 / 8
 #: ... and when every channel has enough elements to pay for its ~6 bytes of scale and zero point.
-_PER_CHANNEL_MIN_ELEMENTS = 64
+PER_CHANNEL_MIN_ELEMENTS = 64
 
 
-def prefers_per_channel(t: torch.Tensor) -> bool:
-    """Whether per-channel scales are worth their bytes for ``t`` (``N, C, ...``).
+def encode_array(a: np.ndarray, *, per_channel: bool = False, level: int = 3) -> EncodedTensor:
+    """Quantize (uint8 affine) and zstd-compress a float32 array.
 
-        >>> x = torch.rand(1, 8, 16, 16); x[:, 0] *= 100      # one channel dwarfs the rest
-        >>> prefers_per_channel(x), prefers_per_channel(torch.rand(1, 8, 16, 16))
-        (True, False)
+    ``per_channel`` gives every index of axis 1 (C of NCHW, the features of NC) its own scale,
+    at about 6 bytes of frame per channel: worth it for NCHW maps whose channels differ in range,
+    not for NC vectors with one element per channel. Falls back to codec ``"none"`` when zstd
+    would not make the data smaller. Bad arguments raise ``ValueError``; NaN or infinite values
+    raise ``CodecError``.
+
+        >>> enc = encode_array(np.random.rand(1, 24, 56, 56).astype(np.float32), per_channel=True)
+        >>> len(enc.scale), enc.axis
+        (24, 1)
     """
-    if t.dim() < 3 or t.shape[1] > MAX_CHANNELS or t.numel() < 1:
-        return False
-    if t.numel() // t.shape[1] < _PER_CHANNEL_MIN_ELEMENTS:
-        return False
-    dims = tuple(d for d in range(t.dim()) if d != 1)
-    x = t.detach().float()
-    spread = x.amax(dim=dims).clamp(min=0) - x.amin(dim=dims).clamp(max=0)
-    widest = spread.max()
-    if not bool(torch.isfinite(widest)) or float(widest) <= 0:
-        return False
-    return bool(spread.median() < widest * _PER_CHANNEL_SPREAD)
+    if type(level) is not int or not MIN_LEVEL <= level <= MAX_LEVEL:
+        raise ValueError(f"zstd level must be an int in [{MIN_LEVEL}, {MAX_LEVEL}]")
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise ValueError("expected a float32 numpy array")
+    if not 1 <= a.ndim <= MAX_NDIM or a.size == 0 or a.size > MAX_NUMEL:
+        raise ValueError(f"cannot encode an array of shape {a.shape}")
+    if per_channel and (a.ndim < 2 or a.shape[1] > MAX_CHANNELS):
+        raise ValueError(f"per_channel needs 2+ dims with <= {MAX_CHANNELS} on axis 1")
+    axis = 1 if per_channel else None
+    q, scale, zp = _quantize(np.ascontiguousarray(a), axis)
+    raw = q.tobytes()
+    codec, data = zstd_compress(raw, level)
+    return EncodedTensor(shape=tuple(int(d) for d in a.shape), dtype="float32",
+                         quant="affine_u8", scale=scale, zero_point=zp, axis=axis, codec=codec,
+                         data=data)
 
 
-def _quantize(
-    x: torch.Tensor, axis: int | None
-) -> tuple[torch.Tensor, tuple[float, ...], tuple[int, ...]]:
-    """Return uint8 ``q``, scales and zero points of float32 ``x``, per tensor or along axis."""
+def prefers_per_channel_array(a: np.ndarray) -> bool:
+    """Whether per-channel scales are worth their bytes for an ``(N, C, ...)`` array.
+
+        >>> x = np.random.rand(1, 8, 16, 16).astype(np.float32); x[:, 0] *= 100
+        >>> prefers_per_channel_array(x)
+        True
+    """
+    if a.ndim < 3 or a.shape[1] > MAX_CHANNELS or a.size < 1:
+        return False
+    if a.size // a.shape[1] < PER_CHANNEL_MIN_ELEMENTS:
+        return False
+    dims = tuple(d for d in range(a.ndim) if d != 1)
+    x = a.astype(np.float32, copy=False)
+    spread = np.maximum(x.max(axis=dims), 0) - np.minimum(x.min(axis=dims), 0)
+    widest = float(spread.max())
+    if not math.isfinite(widest) or widest <= 0:
+        return False
+    # torch.median is the lower middle value for an even count, not numpy's mean of the two.
+    median = float(np.sort(spread)[(spread.size - 1) // 2])
+    return median < widest * PER_CHANNEL_SPREAD
+
+
+def _quantize(x: np.ndarray, axis: int | None
+              ) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
     if axis is None:
-        lo, hi = (v.reshape(1) for v in torch.aminmax(x))
+        lo, hi = x.min(keepdims=False).reshape(1), x.max(keepdims=False).reshape(1)
     else:
-        dims = tuple(d for d in range(x.dim()) if d != axis)
-        lo, hi = x.amin(dim=dims), x.amax(dim=dims)
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        # min/max propagate NaN, so checking them covers every element without another pass.
+        dims = tuple(d for d in range(x.ndim) if d != axis)
+        lo, hi = x.min(axis=dims), x.max(axis=dims)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CodecError("tensor has NaN or infinite values")
-    # Float64 so that hi - lo can't overflow; the scale is then rounded *up* to float32 so that
-    # [lo, hi] still fits in 255 steps. A zero range (all-zero tensor) gets scale 1.
-    lo64, hi64 = lo.double().clamp(max=0.0), hi.double().clamp(min=0.0)
-    s64 = ((hi64 - lo64) / 255.0).clamp(min=_MIN_SCALE)
-    s64 = torch.where(hi64 > lo64, s64, torch.ones_like(s64))
-    s32 = s64.float()
-    s32 = torch.where(s32.double() < s64, torch.nextafter(s32, torch.full_like(s32, math.inf)), s32)
-    zp = torch.round(-lo64 / s32.double()).clamp(0, 255).to(torch.int64)
+    lo64 = np.minimum(lo.astype(np.float64), 0.0)
+    hi64 = np.maximum(hi.astype(np.float64), 0.0)
+    s64 = np.maximum((hi64 - lo64) / 255.0, MIN_SCALE)
+    s64 = np.where(hi64 > lo64, s64, 1.0)
+    s32 = s64.astype(np.float32)
+    # Rounded up, as the torch codec does, so that [lo, hi] still fits in 255 steps.
+    s32 = np.where(s32.astype(np.float64) < s64, np.nextafter(s32, np.float32(np.inf)), s32)
+    zp = np.clip(np.round(-lo64 / s32.astype(np.float64)), 0, 255).astype(np.int64)
     if axis is None:
-        scale_b: torch.Tensor | float = s32.item()
-        zp_b: torch.Tensor | int = int(zp.item())
+        scale_b: np.ndarray | np.float32 = np.float32(s32[0])
+        zp_b: np.ndarray | np.float32 = np.float32(zp[0])
     else:
-        bshape = [1] * x.dim()
+        bshape = [1] * x.ndim
         bshape[axis] = -1
-        scale_b, zp_b = s32.view(bshape), zp.float().view(bshape)
-    q = torch.div(x, scale_b).round_().add_(zp_b).clamp_(0, 255).to(torch.uint8)
-    return q, tuple(s32.tolist()), tuple(zp.tolist())
+        scale_b = s32.reshape(bshape)
+        zp_b = zp.astype(np.float32).reshape(bshape)
+    q = np.clip(np.round(x / scale_b) + zp_b, 0, 255).astype(np.uint8)
+    return q, tuple(float(s) for s in s32), tuple(int(z) for z in zp)
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytearray:
-    """Copy exactly the tensor's own bytes, in row-major order.
+def zstd_compress(raw: bytes | bytearray, level: int) -> tuple[str, bytes]:
+    """``("zstd", frame)``, or ``("none", raw)`` when zstd would not make ``raw`` smaller."""
+    # Content size in the header lets the decoder check the size before it allocates; the
+    # checksum turns a corrupted payload into an error instead of a silently wrong answer.
+    cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=True)
+    data = cctx.compress(raw)
+    if len(data) >= len(raw):
+        return "none", bytes(raw)
+    return "zstd", data
 
-    ``bytes(t.untyped_storage())`` would copy the whole storage a view points into, and runs at
-    about 1 MB/s; this is a single memcpy.
-    """
-    buf = bytearray(t.numel() * t.element_size())
-    torch.frombuffer(buf, dtype=torch.uint8).copy_(t.contiguous().reshape(-1).view(torch.uint8))
-    return buf
 
-
-def _decompress(enc: EncodedTensor) -> bytes:
+def decompress(enc: EncodedTensor) -> bytes:
+    """The raw bytes of ``enc.data``, size-checked before zstd runs; ``CodecError`` if corrupt."""
     expected = enc.raw_nbytes
     if enc.codec == "none":
         return enc.data

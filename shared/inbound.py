@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared import codec, wire
+from shared import codec_torch, wire
 from shared.errors import FingerprintMismatchError, ShapeMismatchError
 from shared.tensorspec import TensorSpec
 
@@ -62,4 +62,4 @@ def decode_frame(
             f"{model} with weights {fingerprint}"
         )
     rows = wire.check_shapes(frame, expected, max_batch=max_batch)
-    return DecodedFrame(frame, tuple(codec.decode_tensor(t) for t in frame.tensors), rows)
+    return DecodedFrame(frame, tuple(codec_torch.decode_tensor(t) for t in frame.tensors), rows)

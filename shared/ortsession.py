@@ -34,7 +34,7 @@ def open_session(path: str | os.PathLike[str], *, threads: int = 1) -> Any:
         import onnxruntime as ort
     except ImportError as exc:
         raise ConfigError("the ONNX runtime needs onnxruntime: "
-                          "pip install 'splitserve[onnx]'") from exc
+                          "pip install onnxruntime (a dependency of splitserve itself)") from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -1,12 +1,13 @@
 """Image decoding and the resize / crop / normalize steps a classifier expects.
 
-Pure functions over Pillow images; no numpy. Pixel statistics are in 0..255 units, as the
-pixels are, so ``(x - mean) / std`` needs no extra ``/ 255``.
+Pure functions over Pillow images and numpy arrays; no torch at import (``to_tensor`` and
+``preprocess`` import it when called, for the torch side). Pixel statistics are in 0..255 units,
+as the pixels are, so ``(x - mean) / std`` needs no extra ``/ 255``.
 
     >>> pre = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    >>> x = preprocess(reference_photo(), pre)
-    >>> x.dtype, tuple(x.shape)
-    (torch.float32, (1, 3, 224, 224))
+    >>> x = to_array(center_crop(reference_photo(), pre), pre)
+    >>> x.dtype, x.shape
+    (dtype('float32'), (1, 3, 224, 224))
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from shared.errors import ConfigError, ImageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -38,6 +43,7 @@ __all__ = [
     "preprocess",
     "read_header",
     "reference_photo",
+    "to_array",
     "to_tensor",
 ]
 
@@ -265,21 +271,42 @@ def center_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
     return img.crop((left, top, left + crop, top + crop))
 
 
-def to_tensor(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
+class _Normalization(Protocol):
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
+
+
+def to_array(img: Image.Image, pre: _Normalization) -> np.ndarray:
     """Turn an image into a normalized float32 batch of one, ``(1, 3, height, width)``.
 
-    >>> to_tensor(Image.new("RGB", (224, 224), (127, 127, 127)), Preprocessing()).shape
-    torch.Size([1, 3, 224, 224])
+    ``pre`` is anything with ``mean`` and ``std`` per RGB channel in 0..255 units (a
+    ``Preprocessing`` or a bundle's ``BundlePreprocessing``).
+
+    >>> to_array(Image.new("RGB", (224, 224), (127, 127, 127)), Preprocessing()).shape
+    (1, 3, 224, 224)
     """
     if img.mode != "RGB":
         img = _to_rgb(img)
     width, height = img.size
-    # bytearray, not bytes: torch.frombuffer warns about (and would alias) read-only buffers.
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    chw = pixels.view(height, width, 3).permute(2, 0, 1).to(torch.float32)
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
-    return ((chw - mean) / std).unsqueeze(0).contiguous()
+    hwc = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(height, width, 3)
+    chw = hwc.transpose(2, 0, 1).astype(np.float32)
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray(((chw - mean) / std)[None])
+
+
+def to_tensor(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
+    """``to_array`` as a torch tensor (the torch side's input; imports torch).
+
+    >>> to_tensor(Image.new("RGB", (224, 224), (127, 127, 127)), Preprocessing()).shape
+    torch.Size([1, 3, 224, 224])
+    """
+    import torch  # the torch side only: the device path calls to_array
+
+    return torch.from_numpy(to_array(img, pre))
 
 
 def preprocess(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
@@ -318,5 +345,6 @@ def reference_photo() -> Image.Image:
     Profiles are timed and sized on it: compressed activations and JPEGs of a synthetic image
     would be far smaller than a photo's, and the planner would trust the wrong payload sizes.
     """
-    data = importlib.resources.files("shared.models").joinpath("data", "chelsea_224.jpg")
+    # From "shared", not "shared.models": importing that package imports torch.
+    data = importlib.resources.files("shared").joinpath("models", "data", "chelsea_224.jpg")
     return load_image(data.read_bytes())

@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-__all__ = ["ALLOWED_DTYPES", "MAX_NDIM", "TensorSpec", "torch_dtype"]
+__all__ = ["ALLOWED_DTYPES", "DTYPE_ITEMSIZE", "MAX_NDIM", "TensorSpec"]
 
 #: Source dtypes an activation may have. The wire format accepts these names and no others.
 ALLOWED_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -23,23 +21,8 @@ ALLOWED_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 #: Most dimensions a tensor may have, batch included.
 MAX_NDIM = 8
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Return the torch dtype for an allowed dtype name.
-
-    >>> torch_dtype("float16")
-    torch.float16
-    """
-    try:
-        return _TORCH_DTYPES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"dtype must be one of {ALLOWED_DTYPES}, got {name!r}") from None
+#: Bytes per element of each allowed dtype.
+DTYPE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,9 @@ _REQUEST_ID_RE = re.compile(r"[\x20-\x7e]{1,128}")
 class Frame:
     """One request's activations plus what the server needs to pick the tail that eats them.
 
-    >>> import torch
-    >>> from shared.codec import encode_tensor
-    >>> t = encode_tensor(torch.zeros(1, 8))
+    >>> import numpy as np
+    >>> from shared.codec import encode_array
+    >>> t = encode_array(np.zeros((1, 8), np.float32))
     >>> frame = Frame("efficientnet_lite0", "0123abcd", "features.3", "req-1", (t,))
     >>> decode(encode(frame)) == frame
     True

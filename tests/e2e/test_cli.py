@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ from PIL import Image
 
 from device_client.local_service import LocalService, free_port
 from device_client.runtime import DeviceRuntime
+
+#: The torch device: the reference, and where a test needs a device that no service feeds.
+TORCH = ["--runtime", "torch"]
 
 
 def cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
@@ -57,7 +61,9 @@ def test_infer_json_split_matches_device(
         "--json",
     )
     assert remote.returncode == 0, remote.stderr
-    local = cli("infer", *files, "--model", "efficientnet_lite0", "--split", "device", "--json")
+    # The torch device, unsplit: the reference the default ONNX Runtime device must agree with.
+    local = cli("infer", *files, "--model", "efficientnet_lite0", "--split", "device", "--json",
+                "--runtime", "torch")
     assert local.returncode == 0, local.stderr
     remote_rows, local_rows = _json_lines(remote.stdout), _json_lines(local.stdout)
     assert len(remote_rows) == len(local_rows) == len(files)
@@ -73,6 +79,55 @@ def test_infer_json_split_matches_device(
         assert 0 < r["bytes_sent"] < device_runtime.point(split).float32_bytes  # type: ignore[operator]
 
 
+@pytest.fixture(scope="module")
+def torch_top1(photo_files: list[Path]) -> list[int]:
+    files = [str(p) for p in photo_files]
+    local = cli("infer", *files, "--split", "device", "--json", "--runtime", "torch")
+    assert local.returncode == 0, local.stderr
+    return [row["top5"][0]["index"] for row in _json_lines(local.stdout)]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("split", ["_blocks.9", "device", "auto"])
+def test_onnx_device_agrees_with_the_torch_device(
+    live_service: LocalService, photo_files: list[Path], torch_top1: list[int], split: str,
+    tmp_path: Path,
+) -> None:
+    # The default runtime: the service's bundle, fetched once into the cache, on ONNX Runtime.
+    env = {**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    files = [str(p) for p in photo_files]
+    result = subprocess.run(
+        [sys.executable, "-m", "device_client", "infer", *files, "--server", live_service.url,
+         "--split", split, "--json", "--no-fallback"],
+        capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = _json_lines(result.stdout)
+    assert [row["top5"][0]["index"] for row in rows] == torch_top1  # type: ignore[index]
+    if split != "auto":
+        assert {row["ran"] for row in rows} == {"split" if split != "device" else "device"}
+
+
+def test_onnx_device_runs_a_local_bundle_without_a_service(
+    live_service: LocalService, photo_files: list[Path], torch_top1: list[int], tmp_path: Path
+) -> None:
+    bundle = _served_bundle(live_service)
+    port = free_port()  # nothing listens there: --split device with --bundle needs no service
+    result = cli("infer", *[str(p) for p in photo_files], "--split", "device", "--bundle",
+                 str(bundle), "--server", f"http://127.0.0.1:{port}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [r["top5"][0]["index"] for r in _json_lines(result.stdout)] == torch_top1  # type: ignore[index]
+    int8 = cli("infer", str(photo_files[0]), "--split", "device", "--bundle", str(bundle),
+               "--precision", "int8")
+    assert int8.returncode == 1 and "export" in int8.stderr and len(int8.stderr.splitlines()) == 1
+
+
+def _served_bundle(service: LocalService) -> Path:
+    """The bundle the live service exported into its SPLITSERVE_BUNDLE_DIR."""
+    root = Path(os.environ["SPLITSERVE_BUNDLE_DIR"])
+    found = [p for p in root.glob("efficientnet_lite0-*") if (p / "manifest.json").is_file()]
+    assert found, f"no bundle under {root}"
+    return found[0]
+
+
 def test_infer_human_output(live_service: LocalService, photo_files: list[Path]) -> None:
     result = cli("infer", str(photo_files[0]), "--server", live_service.url, "--split", "cloud")
     assert result.returncode == 0, result.stderr
@@ -85,9 +140,9 @@ def test_infer_human_output(live_service: LocalService, photo_files: list[Path])
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["infer", "/nonexistent.jpg", "--split", "device"], "nonexistent.jpg"),
-        (["infer", "{photo}", "--split", "no_such_layer"], "no split point"),
-        (["infer", "{photo}", "--model", "alexnet"], "no model named 'alexnet'"),
+        (["infer", "/nonexistent.jpg", "--split", "device", *TORCH], "nonexistent.jpg"),
+        (["infer", "{photo}", "--split", "no_such_layer", *TORCH], "no split point"),
+        (["infer", "{photo}", "--model", "alexnet", *TORCH], "no model named 'alexnet'"),
         (
             [
                 "infer",
@@ -97,10 +152,15 @@ def test_infer_human_output(live_service: LocalService, photo_files: list[Path])
                 "--no-fallback",
                 "--server",
                 "http://127.0.0.1:{port}",
+                "--runtime",
+                "torch",
             ],
             "cannot reach",
         ),
-        (["infer", "{photo}", "--zstd-level", "99", "--split", "3"], "--zstd-level: must be 1..22"),
+        (
+            ["infer", "{photo}", "--zstd-level", "99", "--split", "3", *TORCH],
+            "--zstd-level: must be 1..22",
+        ),
         (["infer", "{photo}", "--jpeg-quality", "q"], "--jpeg-quality: expected an integer"),
         (["infer"], "required: IMAGE"),
         (["infer", "{photo}", "--split", "3", "--server", "not a url"], "error"),
@@ -134,7 +194,8 @@ def test_bad_image_among_good_ones_is_reported_and_the_rest_still_run(
 ) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 definitely not a jpeg")
-    result = cli("infer", str(broken), str(photo_files[1]), "--split", "device", "--json")
+    result = cli("infer", str(broken), str(photo_files[1]), "--split", "device", "--json",
+                 "--runtime", "torch")
     assert result.returncode == 1
     assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
     rows = _json_lines(result.stdout)

@@ -30,6 +30,9 @@ def photo(photos: dict[str, Image.Image], tmp_path_factory: pytest.TempPathFacto
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # The torch device: these fake services hand out no bundle for the ONNX device to fetch.
+    if args and args[0] in ("infer", "profile", "plan") and "--runtime" not in args:
+        args = (args[0], "--runtime", "torch", *args[1:])
     return subprocess.run([sys.executable, "-m", "device_client", *args], capture_output=True,
                           text=True, timeout=300, env={**os.environ, **(env or {})},
                           stdin=subprocess.DEVNULL)

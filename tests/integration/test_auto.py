@@ -69,6 +69,8 @@ def test_plan_cli_json_and_chart(
             "-m",
             "device_client",
             "plan",
+            "--runtime",
+            "torch",
             "--server",
             live_service.url,
             "--bandwidth-mbps",
@@ -104,7 +106,8 @@ def test_plan_cli_json_and_chart(
     assert chart.stat().st_size > 10_000 and chart.read_bytes()[:4] == b"\x89PNG"
 
     measured = subprocess.run(
-        [sys.executable, "-m", "device_client", "plan", "--server", live_service.url],
+        [sys.executable, "-m", "device_client", "plan", "--runtime", "torch", "--server",
+         live_service.url],
         capture_output=True,
         text=True,
         env={**os.environ, **env_cache},

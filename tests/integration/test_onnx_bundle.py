@@ -19,7 +19,7 @@ from device_client import cli
 from device_client.onnx_runtime import OnnxDeviceRuntime
 from device_client.profile import load_or_measure
 from device_client.runtime import DeviceRuntime, EncodeOptions
-from shared import codec, wire
+from shared import codec_torch, wire
 from shared.bundle import MANIFEST_NAME, load_bundle
 from shared.candidates import CLOUD, DEVICE
 from shared.errors import ConfigError
@@ -122,7 +122,7 @@ def test_frames_decode_like_the_torch_devices(bundle_dir: Path, device_runtime: 
         MODEL, device_runtime.fingerprint, point.name)
     want = device_runtime.run_head(device_runtime.point(point.name), x)
     for enc, ref in zip(frame.tensors, want, strict=True):
-        got = codec.decode_tensor(enc)
+        got = codec_torch.decode_tensor(enc)
         assert got.shape == ref.shape
         assert float((got - ref).abs().max()) <= max(enc.scale) + 1e-3
 

@@ -112,6 +112,8 @@ def test_device_cli_sends_the_key(
         "-m",
         "device_client",
         "infer",
+        "--runtime",
+        "torch",
         str(path),
         "--server",
         keyed_service.url,

@@ -206,7 +206,7 @@ def test_device_over_https_with_a_private_certificate(
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "device_client", "infer", *args, "--json"],
+        [sys.executable, "-m", "device_client", "infer", "--runtime", "torch", *args, "--json"],
         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )  # fmt: skip
 

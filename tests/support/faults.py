@@ -414,6 +414,8 @@ def cli_against(
             "-m",
             "device_client",
             "infer",
+            "--runtime",
+            "torch",
             str(image),
             "--server",
             fake.url,

@@ -21,12 +21,10 @@ from shared.codec import (
     MAX_NUMEL,
     QUANTS,
     EncodedTensor,
-    decode_tensor,
-    encode_tensor,
-    prefers_per_channel,
 )
+from shared.codec_torch import decode_tensor, encode_tensor, prefers_per_channel, torch_dtype
 from shared.errors import CodecError, PayloadError
-from shared.tensorspec import ALLOWED_DTYPES, TensorSpec, torch_dtype
+from shared.tensorspec import ALLOWED_DTYPES, TensorSpec
 
 GiB = 2**30
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.codec import EncodedTensor, decode_tensor, encode_tensor
+from shared.codec import EncodedTensor
+from shared.codec_torch import decode_tensor, encode_tensor
 from shared.errors import (
     PayloadError,
     PayloadTooLargeError,

@@ -1,0 +1,85 @@
+"""Which runtime the device runs: ``--runtime onnx`` (a bundle on ONNX Runtime, no torch) or
+``--runtime torch`` (eager PyTorch, imported only then), and at which ``--precision``.
+
+With onnx the bundle is ``--bundle DIR`` or the service's, fetched once and cached
+(``device_client.bundles``); the weights are the bundle's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from device_client.bundles import fetch_bundle, use_bundle
+from device_client.client import ServiceClient
+from shared.bundle import Bundle
+from shared.cpu import cpu_limit
+from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from device_client.pipeline import Runtime
+
+__all__ = ["RUNTIMES", "open_runtime", "threads"]
+
+RUNTIMES = ("onnx", "torch")
+
+
+def threads() -> int:
+    """Intra-op threads: ``OMP_NUM_THREADS`` if set, else the board's share of CPU."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) >= 1 else cpu_limit()
+
+
+async def open_runtime(runtime: str, model: str, *, precision: str = "fp32",
+                       weights: str | None = None, bundle: str | None = None,
+                       client: ServiceClient | None = None) -> Runtime:
+    """The device's model on ``runtime``; raises ``ConfigError`` (one line) on a bad combination.
+
+    ``client`` is needed only for onnx without ``bundle``: the service's bundle is fetched.
+    """
+    if runtime == "torch":
+        if precision != "fp32":
+            raise ConfigError("--precision int8 runs on --runtime onnx only")
+        if bundle is not None:
+            raise ConfigError("--bundle is for --runtime onnx; the torch runtime takes --weights")
+        return _torch_runtime(model, weights)
+    if runtime != "onnx":
+        raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if weights is not None:
+        raise ConfigError("--weights needs --runtime torch; for onnx, export a bundle of the "
+                          "checkpoint (`device_client export --weights PATH --out DIR`) and "
+                          "pass --bundle DIR")
+    from device_client.onnx_runtime import OnnxDeviceRuntime
+
+    if bundle is not None:
+        found: Bundle = use_bundle(bundle, model=model)
+    elif client is None:
+        raise ConfigError("--runtime onnx needs --bundle DIR or a service to fetch the bundle "
+                          "from")
+    else:
+        meta = await client.metadata(model)
+        found = use_bundle(await fetch_bundle(client, model, meta.fingerprint), model=model,
+                           fingerprint=meta.fingerprint)
+    if precision not in found.manifest.precisions:
+        where = f"the bundle in {bundle}" if bundle is not None else "the service's bundle"
+        raise ConfigError(f"--precision {precision}: {where} has only "
+                          f"{', '.join(found.manifest.precisions)}; export one with "
+                          f"`python -m device_client export --model {model} --int8 --out DIR` "
+                          f"and pass --bundle DIR")
+    rt: Runtime = OnnxDeviceRuntime(found, precision="int8" if precision == "int8" else "fp32",
+                                    threads=threads())
+    return rt
+
+
+def _torch_runtime(model: str, weights: str | None) -> Runtime:
+    try:
+        import torch
+
+        from device_client.runtime import DeviceRuntime
+    except ImportError as exc:
+        raise ConfigError("--runtime torch needs torch: pip install 'splitserve[torch]' "
+                          "(or use the default --runtime onnx)") from exc
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
+        torch.set_num_threads(cpu_limit())  # the board's share of CPU, not every core seen
+    rt: Runtime = DeviceRuntime(model, weights=weights)
+    return rt
