@@ -364,7 +364,9 @@ def _generic_row(section: str, line: dict[str, Any]) -> list[str]:
     result = "-" if verdict is None else ("pass" if verdict else "FAIL")
     values = {k: v for k, v in line.items() if k not in ("section", "row", "passed", "ok")}
     figure = ", ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in values.items())
-    return [f"{section}: {line.get('row', '')}", result, figure or "-", f"pytest {SUITE}"]
+    part = section if section in PART_FILES else None
+    reproduce = f"python -m bench reliability --only {part}" if part else f"pytest {SUITE}"
+    return [f"{section}: {line.get('row', '')}", result, figure or "-", reproduce]
 
 
 def _cell(value: Any) -> str:
