@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import ssl
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
@@ -163,7 +165,7 @@ class ServiceClient:
         with ``etag`` when given. At most ``max_bytes`` are written (``BundleError``
         past that, before or while reading). A 304 writes nothing."""
         headers = {"If-None-Match": etag} if etag else {}
-        try:
+        with self._unreachable_as_unavailable():
             async with self._http.stream("GET", f"/v2/models/{model}/bundle",
                                          headers=headers) as response:
                 if response.status_code == 304:
@@ -185,13 +187,6 @@ class ServiceClient:
                     into.write(chunk)
                 return Download(modified=True, etag=response.headers.get("etag"),
                                 size_bytes=size)
-        except httpx.TimeoutException as exc:
-            raise ServiceUnavailableError(f"{self.base_url} did not answer in time",
-                                          reason="timeout") from exc
-        except httpx.TransportError as exc:
-            detail = str(exc) or type(exc).__name__
-            raise ServiceUnavailableError(f"cannot reach {self.base_url}: {detail}",
-                                          reason="connection") from exc
 
     async def _infer(self, path: str, body: bytes, content_type: str, timeout_s: float | None,
                      top_k: int) -> Reply:
@@ -232,8 +227,18 @@ class ServiceClient:
                        **kwargs: Any) -> httpx.Response:
         if timeout_s is not None:
             kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
-        try:
+        with self._unreachable_as_unavailable():
             response = await self._http.request(method, path, **kwargs)
+        if response.status_code < 400:
+            return response
+        self._raise_for(response)
+
+    @contextmanager
+    def _unreachable_as_unavailable(self) -> Iterator[None]:
+        """httpx's timeouts and transport errors as the ``ServiceUnavailableError`` the device
+        may fall back on."""
+        try:
+            yield
         except httpx.TimeoutException as exc:
             raise ServiceUnavailableError(f"{self.base_url} did not answer in time",
                                           reason="timeout") from exc
@@ -241,9 +246,6 @@ class ServiceClient:
             detail = str(exc) or type(exc).__name__
             raise ServiceUnavailableError(f"cannot reach {self.base_url}: {detail}",
                                           reason="connection") from exc
-        if response.status_code < 400:
-            return response
-        self._raise_for(response)
 
     def _raise_for(self, response: httpx.Response) -> NoReturn:
         """The error a 4xx or 5xx answer stands for."""
