@@ -24,7 +24,7 @@ from shared import codec, wire
 from shared.bundle import Bundle, BundlePoint, load_bundle
 from shared.errors import ConfigError
 from shared.ortsession import open_session
-from shared.preprocess_numpy import to_array
+from shared.preprocess import to_array
 
 if TYPE_CHECKING:
     from device_client.runtime import EncodeOptions
@@ -61,7 +61,7 @@ class OnnxDeviceRuntime:
         self.name = manifest.model
         self.fingerprint = manifest.fingerprint
         self.labels = manifest.labels
-        # What DeviceRuntime.spec.preprocessing is; shared.preprocess_numpy.to_array takes it.
+        # What DeviceRuntime.spec.preprocessing is; shared.preprocess.to_array takes it.
         self.preprocessing = manifest.preprocessing
         self.input_shape = manifest.input.shape
         self._input = manifest.input.name
@@ -82,7 +82,7 @@ class OnnxDeviceRuntime:
         return points[len(points) // 2]
 
     def prepare(self, crop: Image.Image) -> np.ndarray:
-        """A center crop as the model's input batch of one (``shared.preprocess_numpy``)."""
+        """A center crop as the model's input batch of one (``shared.preprocess.to_array``)."""
         return to_array(crop, self.preprocessing)
 
     def run_full(self, x: np.ndarray) -> np.ndarray:

@@ -23,8 +23,7 @@ from device_client.onnx_runtime import OnnxDeviceRuntime
 from shared.bundle import load_bundle
 from shared.errors import BundleIntegrityError
 from shared.models import get_spec
-from shared.preprocess import center_crop
-from shared.preprocess_numpy import to_array
+from shared.preprocess import center_crop, to_array
 from tests.support.bundles import ArchiveService
 
 pytestmark = pytest.mark.slow

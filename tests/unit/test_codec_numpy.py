@@ -1,4 +1,4 @@
-"""shared.codec_numpy: numpy arrays encode exactly as torch tensors do."""
+"""shared.codec.encode_array: numpy arrays encode exactly as torch tensors do."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import codec_torch
-from shared.codec_numpy import encode_array, prefers_per_channel_array
+from shared.codec import encode_array, prefers_per_channel_array
 from shared.errors import CodecError
 
 

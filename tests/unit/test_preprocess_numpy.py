@@ -1,4 +1,4 @@
-"""shared.preprocess_numpy: the numpy input is the torch input, exactly."""
+"""shared.preprocess.to_array: the numpy input is the torch input, exactly."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from shared.models import get_spec
-from shared.preprocess import center_crop, to_tensor
-from shared.preprocess_numpy import to_array
+from shared.preprocess import center_crop, to_array, to_tensor
 
 
 @pytest.mark.parametrize("model", ["efficientnet_lite0", "resnet18"])
