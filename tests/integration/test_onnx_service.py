@@ -10,14 +10,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from device_client.client import ServiceClient
 from device_client.local_service import LocalService
-from device_client.pipeline import Device
-from device_client.results import InferenceResult
 from device_client.runtime import DeviceRuntime
 from shared import wire
 from shared.bundle import load_bundle
 from tests.helpers import make_frame
+from tests.support.inference import infer_all
 
 MODEL = "efficientnet_lite0"
 MSGPACK = {"Content-Type": wire.CONTENT_TYPE}
@@ -35,17 +33,6 @@ def onnx_service(bundle_dir: str) -> Iterator[LocalService]:
         yield service
 
 
-async def _infer_all(
-    url: str, runtime: DeviceRuntime, photos: dict[str, Image.Image], splits: list[str]
-) -> dict[tuple[str, str], InferenceResult]:
-    results = {}
-    async with ServiceClient(url) as client:
-        device = Device(runtime, client, fallback=False)
-        for split in splits:
-            for name, image in photos.items():
-                results[(split, name)] = await device.infer(image, split=split, name=name)
-    return results
-
 
 def test_onnx_service_matches_local_torch_top1(
     onnx_service: LocalService,
@@ -56,7 +43,7 @@ def test_onnx_service_matches_local_torch_top1(
 ) -> None:
     points = device_runtime.points
     splits = [points[0].name, points[len(points) // 2].name, points[-1].name, "cloud"]
-    results = asyncio.run(_infer_all(onnx_service.url, device_runtime, photos, splits))
+    results = asyncio.run(infer_all(onnx_service.url, device_runtime, photos, splits))
     for (split, name), result in results.items():
         ran = "cloud" if split == "cloud" else "split"
         assert result.ran == ran and result.fallback is None, (split, name)

@@ -12,18 +12,7 @@ from device_client.client import ServiceClient
 from device_client.local_service import LocalService
 from device_client.pipeline import Device
 from device_client.runtime import DeviceRuntime
-
-
-async def _run_all(
-    url: str, runtime: DeviceRuntime, photos: dict[str, Image.Image], splits: list[str]
-) -> dict[tuple[str, str], object]:
-    results = {}
-    async with ServiceClient(url) as client:
-        device = Device(runtime, client, fallback=False)
-        for split in splits:
-            for name, image in photos.items():
-                results[(split, name)] = await device.infer(image, split=split, name=name)
-    return results
+from tests.support.inference import infer_all
 
 
 def test_every_split_point_matches_local_unsplit_top1(
@@ -34,7 +23,7 @@ def test_every_split_point_matches_local_unsplit_top1(
 ) -> None:
     points = device_runtime.points
     results = asyncio.run(
-        _run_all(live_service.url, device_runtime, photos, [p.name for p in points])
+        infer_all(live_service.url, device_runtime, photos, [p.name for p in points])
     )
     mismatches = []
     for point in points:
@@ -60,7 +49,7 @@ def test_cloud_and_device_candidates(
     local_top1: dict[str, int],
     split: str,
 ) -> None:
-    results = asyncio.run(_run_all(live_service.url, device_runtime, photos, [split]))
+    results = asyncio.run(infer_all(live_service.url, device_runtime, photos, [split]))
     for name in photos:
         result = results[(split, name)]
         assert result.ran == split  # type: ignore[attr-defined]
