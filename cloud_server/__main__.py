@@ -34,6 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="what runs tails and the whole model (default onnxruntime)")
     p.add_argument("--bundle-dir", help="the ONNX bundle cache (default ~/.cache/splitserve/"
                    "bundles)")
+    p.add_argument("--bundle-int8", action="store_const", const=True,
+                   help="add int8 heads and whole model to the bundle devices download")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile (PEM)")
     return p.parse_args(argv)

@@ -165,14 +165,15 @@ def keep_freed_memory() -> bool:
 
 
 def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int = 5,
-                 backend: str = "torch", threads: int = 1, bundle_root: Path | None = None
-                 ) -> ModelRuntime:
+                 backend: str = "torch", threads: int = 1, bundle_root: Path | None = None,
+                 bundle_int8: bool = False) -> ModelRuntime:
     """Build the model, trace it, make the ``backend`` that runs its tails, warm up and profile.
     Also tunes the allocator for repeated forward passes (``keep_freed_memory``).
 
     ``torch``: a tail for every split point from the fx partition. ``onnxruntime``: the bundle of
     these weights under ``bundle_root`` (``cloud_server.bundles.service_bundle``: exported from
-    the same partition on first use, then reused), run with ``threads`` intra-op threads.
+    the same partition on first use, then reused), run with ``threads`` intra-op threads;
+    ``bundle_int8`` also puts int8 graphs in it, for the devices that download it.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -186,7 +187,8 @@ def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int 
     fp = fingerprint(model)
     engine: Backend
     if backend == "onnxruntime":
-        engine = _onnx_backend(name, fp, weights, points, threads=threads, root=bundle_root)
+        engine = _onnx_backend(name, fp, weights, points, threads=threads, root=bundle_root,
+                               int8=bundle_int8)
     else:
         engine = TorchBackend(model, {p.name: part.split(p)[1] for p in points})
     labels = imagenet_labels() if spec.num_classes == 1000 else tuple(
@@ -200,11 +202,11 @@ def load_runtime(name: str, weights: str | None = None, *, profile_repeats: int 
 
 
 def _onnx_backend(name: str, fp: str, weights: str | None, points: list[SplitPoint], *,
-                  threads: int, root: Path | None) -> Backend:
+                  threads: int, root: Path | None, int8: bool) -> Backend:
     from cloud_server.backend_onnx import OnnxBackend  # onnxruntime: only for this backend
     from cloud_server.bundles import service_bundle
 
-    bundle = service_bundle(name, fp, weights=weights, root=root)
+    bundle = service_bundle(name, fp, weights=weights, root=root, int8=int8)
     exported = [(p.name, p.index) for p in bundle.points]
     if exported != [(p.name, p.index) for p in points]:
         raise BundleMismatchError(f"bundle {bundle.root} has other split points than the "

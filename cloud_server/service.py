@@ -40,7 +40,8 @@ class Service:
         self._ready = threading.Event()
         self._loader = loader or (lambda name, weights: load_runtime(
             name, weights, profile_repeats=settings.profile_repeats, backend=settings.backend,
-            threads=settings.torch_threads(), bundle_root=settings.bundle_root()))
+            threads=settings.torch_threads(), bundle_root=settings.bundle_root(),
+            bundle_int8=settings.bundle_int8))
         self.batcher = Batcher(self._run, max_batch_size=settings.max_batch_size,
                                max_queue_delay_ms=settings.max_queue_delay_ms,
                                max_queue=settings.max_queue, on_batch=self._on_batch)

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     # Root of the service's bundle cache, one <model>-<fingerprint>/ each ("": the user cache).
     bundle_dir: str = ""
+    # Also export and hand out int8 heads and whole model (calibrated on the shipped photos), so
+    # devices can run --precision int8 from the service's bundle; adds the calibration to the
+    # first start.
+    bundle_int8: bool = False
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

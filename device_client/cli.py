@@ -94,8 +94,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="onnx (default): the model's ONNX bundle on ONNX Runtime, no torch; "
                         "torch: eager PyTorch (needs the [torch] extra)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
-                   help="the device's head and whole model (default fp32); int8 needs an "
-                        "--bundle exported with --int8")
+                   help="the device's head and whole model (default fp32); int8 needs a "
+                        "bundle with int8 graphs: --bundle exported with --int8, or a "
+                        "service started with SPLITSERVE_BUNDLE_INT8=1")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

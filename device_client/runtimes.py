@@ -62,10 +62,12 @@ async def open_runtime(runtime: str, model: str, *, precision: str = "fp32",
                            fingerprint=meta.fingerprint)
     if precision not in found.manifest.precisions:
         where = f"the bundle in {bundle}" if bundle is not None else "the service's bundle"
+        service_side = "" if bundle is not None else (
+            "start the service with SPLITSERVE_BUNDLE_INT8=1, or ")
         raise ConfigError(f"--precision {precision}: {where} has only "
-                          f"{', '.join(found.manifest.precisions)}; export one with "
-                          f"`python -m device_client export --model {model} --int8 --out DIR` "
-                          f"and pass --bundle DIR")
+                          f"{', '.join(found.manifest.precisions)}; {service_side}export one "
+                          f"with `python -m device_client export --model {model} --int8 "
+                          f"--out DIR` and pass --bundle DIR")
     rt: Runtime = OnnxDeviceRuntime(found, precision="int8" if precision == "int8" else "fp32",
                                     threads=threads())
     return rt

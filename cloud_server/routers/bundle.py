@@ -91,7 +91,8 @@ class BundleShelf:
 def service_prepare(settings: Settings) -> Prepare:
     """The shelf's ``prepare`` for a real service: its bundle (exported if needed), archived."""
     def prepare(model: str, fingerprint: str, weights: str | None) -> Archive:
-        bundle = service_bundle(model, fingerprint, weights=weights, root=settings.bundle_root())
+        bundle = service_bundle(model, fingerprint, weights=weights, root=settings.bundle_root(),
+                                int8=settings.bundle_int8)
         return build_archive(bundle)
 
     return prepare

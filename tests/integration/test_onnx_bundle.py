@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +203,42 @@ def test_the_profiler_runs_on_the_onnx_device(bundle_dir: Path, precision: str,
     key = json.loads(path.read_text())["key"]
     assert (key["runtime"], key["precision"], key["threads"]) == ("onnx", precision, 1)
     assert key["runtime_version"] != "unknown"
+
+
+def test_a_service_with_bundle_int8_hands_devices_int8_graphs(
+        bundle_dir: Path, photos: dict[str, Image.Image], local_top1: dict[str, int],
+        tmp_path: Path) -> None:
+    # The service reuses the module's int8 export as its own cached bundle (same weights, so
+    # same fingerprint): no second calibration. The device downloads it and runs int8 heads.
+    from device_client.local_service import LocalService
+
+    fp = load_bundle(bundle_dir, model=MODEL).manifest.fingerprint
+    root = tmp_path / "service-bundles"
+    shutil.copytree(bundle_dir, root / f"{MODEL}-{fp}")
+    names = list(photos)[:3]
+    files = []
+    for name in names:
+        files.append(str(tmp_path / f"{name}.jpg"))
+        photos[name].convert("RGB").save(files[-1], quality=95)
+    env = {"SPLITSERVE_BUNDLE_DIR": str(root), "SPLITSERVE_PROFILE_REPEATS": "1"}
+    device_env = {**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path / "device-cache")}
+    with LocalService(models=[MODEL], env={**env, "SPLITSERVE_BUNDLE_INT8": "1"}) as service:
+        done = subprocess.run(
+            [sys.executable, "-m", "device_client", "infer", *files, "--server", service.url,
+             "--split", "_blocks.9", "--precision", "int8", "--json"],
+            capture_output=True, text=True, timeout=300, check=False, env=device_env)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(a["split"], a["ran"]) for a in answers] == [("_blocks.9", "split")] * len(names)
+    assert [a["top5"][0]["index"] for a in answers] == [local_top1[n] for n in names]
+
+    # Without the setting the service's bundle (the session's fp32 one) has no int8 graphs,
+    # and the device says what to do.
+    with LocalService(models=[MODEL], env={"SPLITSERVE_PROFILE_REPEATS": "1"}) as service:
+        refused = subprocess.run(
+            [sys.executable, "-m", "device_client", "infer", files[0], "--server", service.url,
+             "--split", "device", "--precision", "int8"],
+            capture_output=True, text=True, timeout=300, check=False,
+            env={**device_env, "SPLITSERVE_CACHE_DIR": str(tmp_path / "device-cache-2")})
+    assert refused.returncode == 1
+    assert len(refused.stderr.splitlines()) == 1 and "SPLITSERVE_BUNDLE_INT8=1" in refused.stderr
