@@ -118,6 +118,14 @@ def test_backend_and_bundle_dir_from_environment_and_flags(
     assert (flags.backend, flags.bundle_root()) == ("onnxruntime", tmp_path)
 
 
+def test_bundle_int8_from_environment_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPLITSERVE_BUNDLE_INT8", raising=False)
+    assert load_settings(_parse([])).bundle_int8 is False
+    assert load_settings(_parse(["--bundle-int8"])).bundle_int8 is True
+    monkeypatch.setenv("SPLITSERVE_BUNDLE_INT8", "1")
+    assert load_settings(_parse([])).bundle_int8 is True
+
+
 def test_threads_follow_the_cgroup_cpu_quota() -> None:
     """In a cgroup capped at half a CPU, the service would start one torch thread, not one per
     core it can see."""
