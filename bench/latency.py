@@ -6,7 +6,7 @@
     python -m bench latency --runtime torch        # the eager PyTorch device, as before
     python -m bench latency --precision int8 --bundle DIR   # a bundle exported with --int8
 
-The real service (``python -m cloud_server``, one torch thread, its own core) sits behind a
+The real service (``python -m cloud_server``, one compute thread, its own core) sits behind a
 userspace proxy that emulates each link: ``3g`` 1.6/1.6 Mbit/s and 150 ms RTT, ``lte`` 6 up /
 20 down and 50 ms, ``wifi`` 30 Mbit/s and 10 ms, ``lan`` 500 Mbit/s and 1 ms (``bench.netem``).
 The device is a separate process on the other core, limited by a cgroup to ``--device-cpu`` of
