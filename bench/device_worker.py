@@ -1,10 +1,17 @@
 """The device side of ``python -m bench latency``: a process of its own, so it can be CPU-limited.
 
     python -m bench.device_worker --url http://127.0.0.1:PROXY --model efficientnet_lite0 --crops 15
+    python -m bench.device_worker --url ... --runtime torch        # the eager PyTorch device
+    python -m bench.device_worker --url ... --precision int8 --bundle DIR
 
+It runs the runtime the device CLI defaults to: ONNX Runtime fp32 on the service's bundle,
+fetched from ``--bundle-url`` (default ``--url``) into the cache, or ``--bundle DIR``; with
+``--runtime torch``, eager PyTorch (``device_client.runtimes.open_runtime`` either way).
 It talks JSON lines: commands on stdin, events on stdout (anything else goes to stderr). It loads
-the runtime, the images and every head/tail at full speed, says ``loaded`` and waits: the
+the runtime, the images and every head at full speed, says ``loaded`` and waits: the
 benchmark then moves it into the CPU-limited cgroup before asking for anything it times.
+``loaded`` and ``profile`` carry ``runtime``, ``precision`` and ``threads``; their
+``torch_threads`` key, kept for older readers, is the same thread count.
 
     -> {"cmd": "profile"}                       <- {"event": "profile", "costs": [...], ...}
     -> {"cmd": "run", "split": "auto", "images": [0, 1], "warmup": [4, 3], "fresh": true}
@@ -29,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from shared.errors import SplitServeError
@@ -130,40 +138,44 @@ def _emit(msg: dict[str, Any]) -> None:
 
 class _Worker:
     def __init__(self, args: argparse.Namespace) -> None:
-        import torch
-
         from bench.images import evaluation_images
-        from device_client.runtime import DeviceRuntime, EncodeOptions
+        from device_client.options import EncodeOptions
+        from shared.preprocess import center_crop, reference_photo
 
-        torch.set_num_threads(args.threads)
         self.args = args
-        self.runtime = DeviceRuntime(args.model)
-        for point in self.runtime.points:  # graph surgery now, at full speed, not in timings
-            self.runtime.halves(point)
+        self.runtime: Any = asyncio.run(_open_runtime(args))
+        # Every head built and run once now, at full speed, not in timings: graph surgery for
+        # torch, an ONNX Runtime session per head file for onnx.
+        x = self.runtime.prepare(center_crop(reference_photo(), self.runtime.preprocessing))
+        for point in self.runtime.points:
+            self.runtime.run_head(point, x)
         self.images = evaluation_images(args.crops)
         # Everything loaded so far lives as long as the process: out of the collector's sight.
-        # A full collection walks ~320k objects (the fx graphs of every head and tail), 100 ms
-        # of CPU, ~0.5 s at 20 % of a core, on whichever request it happens to land.
+        # A full collection walks every live object (for torch ~320k: the fx graphs of every
+        # head and tail), 100 ms of CPU, ~0.5 s at 20 % of a core, on whichever request it
+        # happens to land.
         gc.collect()
         gc.freeze()
         self.options = EncodeOptions()
         self.profile: Any = None
         self.devices: dict[str, Any] = {}  # one Device per candidate, kept across `run`s
 
-    def loaded(self) -> dict[str, Any]:
-        import torch
+    def describe(self) -> dict[str, Any]:
+        """What runs: in ``loaded`` and ``profile`` (``torch_threads``: the pre-onnx key)."""
+        rt = self.runtime
+        return {"runtime": rt.kind, "precision": rt.precision, "threads": rt.threads,
+                "torch_threads": rt.threads}
 
+    def loaded(self) -> dict[str, Any]:
         return {
             "event": "loaded",
             "pid": os.getpid(),
             "points": [p.name for p in self.runtime.points],
             "images": [name for name, _ in self.images],
-            "torch_threads": torch.get_num_threads(),
+            **self.describe(),
         }
 
     def measure_profile(self) -> dict[str, Any]:
-        import torch
-
         from bench.cpulimit import cgroup_of
         from device_client.profile import load_or_measure
 
@@ -184,17 +196,22 @@ class _Worker:
             "cpu_share": round(cpu / wall, 3),  # ~the quota if the limit holds
             "cgroup": cgroup_of(os.getpid()),
             "affinity": sorted(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(),
+            **self.describe(),
         }
 
     async def run(self, client: Any, cmd: dict[str, Any]) -> None:
         from device_client.auto import AutoSplit
         from device_client.pipeline import AUTO, Device
+        from device_client.profile import measure_candidate
 
         split = cmd["split"]
         device = self.devices.get(split)
         if device is None or (split == AUTO and cmd.get("fresh", False)):
-            auto = AutoSplit(client, self.profile) if split == AUTO else None
+            # As the CLI builds it: a candidate its runs contradict is measured again.
+            remeasure = partial(measure_candidate, self.runtime, options=self.options,
+                                jpeg_quality=self.args.jpeg_quality)
+            auto = (AutoSplit(client, self.profile, remeasure=remeasure) if split == AUTO
+                    else None)
             device = Device(
                 self.runtime,
                 client,
@@ -239,7 +256,28 @@ class _Worker:
                 }
             )
         plan = auto.last_plan.to_json() if auto is not None and auto.last_plan else None
-        _emit({"event": "done", "plan": plan})
+        done: dict[str, Any] = {"event": "done", "plan": plan}
+        if auto is not None:
+            done["remeasured"] = list(auto.remeasured)
+        _emit(done)
+
+
+async def _open_runtime(args: argparse.Namespace) -> Any:
+    from device_client.client import ServiceClient
+    from device_client.runtimes import open_runtime
+
+    # What the runtimes read for their thread count (device_client.runtimes.threads).
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.runtime == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.runtime == "onnx" and args.bundle is None:
+        async with ServiceClient(args.bundle_url or args.url, timeout_s=args.timeout) as client:
+            return await open_runtime("onnx", args.model, precision=args.precision,
+                                      client=client)
+    return await open_runtime(args.runtime, args.model, precision=args.precision,
+                              bundle=args.bundle)
 
 
 async def _serve(worker: _Worker) -> None:
@@ -271,12 +309,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--url", required=True, help="the service (through the link emulation)")
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--crops", type=int, default=15, help="augmented crops besides the 5 photos")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--runtime", choices=["onnx", "torch"], default="onnx",
+                   help="onnx (default, as the device CLI): the bundle on ONNX Runtime; torch: "
+                        "eager PyTorch")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="the heads' precision (int8: onnx, with a --bundle exported --int8)")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="a local bundle for --runtime onnx (default: fetch the service's)")
+    p.add_argument("--bundle-url", default=None, metavar="URL",
+                   help="where to fetch the service's bundle (default --url; the benchmark "
+                        "passes the service itself, so the download skips the emulated link)")
+    p.add_argument("--threads", type=int, default=1, help="the runtime's intra-op threads")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per candidate, profiling")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
     args = p.parse_args(argv)
-    worker = _Worker(args)
+    try:
+        worker = _Worker(args)
+    except SplitServeError as exc:  # a bad runtime, bundle or service: one line, both ways
+        _emit({"event": "error", "message": str(exc)})
+        print(f"device_worker: error: {exc}", file=sys.stderr)
+        return 1
     _emit(worker.loaded())
     asyncio.run(_serve(worker))
     return 0

@@ -3,13 +3,16 @@
     python -m bench latency                        # 4 links x 20 images x every candidate + drop
     python -m bench latency --quick --out /tmp/lat # 3g and wifi, 5 images: under 3 minutes
     python -m bench latency --links 3g,lte --images 10 --device-cpu 0.5
+    python -m bench latency --runtime torch        # the eager PyTorch device, as before
+    python -m bench latency --precision int8 --bundle DIR   # a bundle exported with --int8
 
-The real service (``python -m cloud_server``, one torch thread, its own core) sits behind a
+The real service (``python -m cloud_server``, one compute thread, its own core) sits behind a
 userspace proxy that emulates each link: ``3g`` 1.6/1.6 Mbit/s and 150 ms RTT, ``lte`` 6 up /
 20 down and 50 ms, ``wifi`` 30 Mbit/s and 10 ms, ``lan`` 500 Mbit/s and 1 ms (``bench.netem``).
 The device is a separate process on the other core, limited by a cgroup to ``--device-cpu`` of
 it (0.2: about a Raspberry Pi 4 core; ``bench.cpulimit``), where it measures its own profile and
-runs the real device client (``bench.device_worker``).
+runs the real device client (``bench.device_worker``) on the runtime the device CLI defaults to,
+ONNX Runtime fp32 on the service's bundle (``--runtime``, ``--precision``, ``--bundle``).
 
 For each link: ``device``, ``cloud``, every split point and ``auto`` on the same images, in a
 random order per image (``--seed``); p50 and p95 of the device-measured total latency. The
@@ -35,7 +38,9 @@ from bench import latency_report, report
 from bench.cpulimit import PERIOD_US
 from bench.latency_run import RunConfig, measure
 from bench.netem import PROFILES
+from bench.runtime_measure import cpu_info
 from shared import cliargs
+from shared.errors import ConfigError
 from shared.models import list_models
 
 __all__ = ["add_arguments", "run"]
@@ -165,6 +170,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the service's own start-up timing runs per split point (default 5)",
     )
     p.add_argument(
+        "--runtime",
+        choices=["onnx", "torch"],
+        default="onnx",
+        help="the device's runtime, as `device_client --runtime` (default onnx: the service's "
+        "bundle on ONNX Runtime)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="the device heads' precision (default fp32; int8 needs --bundle DIR exported with "
+        "--int8)",
+    )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a local bundle for --runtime onnx (default: the service's, fetched once)",
+    )
+    p.add_argument(
         "--seed",
         type=cliargs.integer(at_least=0),
         default=0,
@@ -199,6 +225,9 @@ def _config(args: argparse.Namespace) -> RunConfig:
         server_profile_repeats=args.server_profile_repeats,
         out=args.out,
         seed=args.seed,
+        runtime=args.runtime,
+        precision=args.precision,
+        bundle=args.bundle,
     )
 
 
@@ -213,12 +242,19 @@ def _command(c: RunConfig) -> str:
         f"--warmup {c.warmup} "
         f"--auto-warmup {c.auto_warmup} --drop {drop} --drop-before {c.drop_before} "
         f"--drop-after {c.drop_after} --profile-repeats {c.profile_repeats} "
-        f"--server-profile-repeats {c.server_profile_repeats} --seed {c.seed} --out {c.out}"
+        f"--server-profile-repeats {c.server_profile_repeats} --seed {c.seed} "
+        f"--runtime {c.runtime} --precision {c.precision} "
+        + (f"--bundle {c.bundle} " if c.bundle is not None else "")
+        + f"--out {c.out}"
     )
 
 
 def run(args: argparse.Namespace) -> int:
     config = _config(args)
+    if config.precision == "int8" and (config.runtime != "onnx" or config.bundle is None):
+        # The service's bundle is fp32 only; say so now, not after the service has started.
+        raise ConfigError("--precision int8 needs --runtime onnx and --bundle DIR "
+                          "(python -m device_client export --model M --int8 --out DIR)")
     command = _command(config)
     args.out.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of measuring
     console = report.make_console()
@@ -238,11 +274,12 @@ def run(args: argparse.Namespace) -> int:
         load_average_at_start=[round(x, 2) for x in load],
         load_average_at_end=[round(x, 2) for x in os.getloadavg()],
         torch=torch.__version__,
+        cpu=cpu_info(),
         shaper="userspace proxy (bench.netem)",
     )
     paths = latency_report.write_outputs(summary, raw, args.out)
     report.print_table(
-        f"{config.model}: end-to-end ms on a device with "
+        f"{config.model} on {config.runtime} {config.precision}: end-to-end ms on a device with "
         + (
             f"{config.device_cpu:g} of a core, {summary.get('cpu_limit_interface')}"
             if summary["device_cpu_limited"]

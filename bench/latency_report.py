@@ -275,6 +275,9 @@ def summarize(raw: dict[str, Any], *, command: str, **extra: Any) -> dict[str, A
         "cpu_period_us",
         "cpu_shares",
         "device_cgroup",
+        "device_runtime",
+        "device_precision",
+        "device_threads",
         "device_torch_threads",
         "service_torch_threads",
         "cores",
@@ -365,10 +368,14 @@ def markdown(summary: dict[str, Any]) -> str:
         if limited
         else f"NOT CPU-limited (asked for {summary.get('device_cpu')})"
     )
+    threads = summary.get("device_threads", summary.get("device_torch_threads"))
+    host = summary.get("cpu") or {}
     setup = (
-        f"Device: {cpu}, "
-        f"{summary.get('device_torch_threads')} torch thread; service: "
-        f"{summary.get('service_torch_threads')} thread on its own core. Latency: the device's "
+        f"Device: {summary.get('device_runtime', 'torch')} "
+        f"{summary.get('device_precision', 'fp32')}, {cpu}, {threads} thread; service: "
+        f"{summary.get('service_torch_threads')} thread on its own core. CPU: "
+        f"{host.get('model', 'unknown')}, VNNI flags: "
+        f"{', '.join(host.get('vnni_flags', [])) or 'none'}. Latency: the device's "
         "end-to-end `timings.total` in ms. Oracle: the fixed candidate with the lowest p50 in "
         f"this run. Bar: auto p50 <= {BAR:.2f} x oracle and x min(device, cloud), and auto's "
         f"runs of its most chosen candidate <= {BAR_CHOSEN:.2f} x the fixed run of that "

@@ -67,6 +67,9 @@ class RunConfig:
     server_profile_repeats: int
     out: Path
     seed: int = 0
+    runtime: str = "onnx"  # the device's, as `device_client --runtime`
+    precision: str = "fp32"
+    bundle: Path | None = None  # None with onnx: the service's bundle, fetched by the worker
 
 
 async def check_link(url: str, model: str, shape: LinkShape) -> dict[str, float]:
@@ -171,6 +174,15 @@ class _Bench:
             "SPLITSERVE_CACHE_DIR": str(c.out / "profile-cache"),
         }
         crops = max(0, c.images - 5)
+        runtime_args = ["--runtime", c.runtime, "--precision", c.precision]
+        if c.bundle is not None:
+            runtime_args += ["--bundle", str(c.bundle)]
+        elif c.runtime == "onnx":
+            # The worker fetches the service's bundle before it says `loaded`: straight from
+            # the service, not through the emulated link (a one-off download, not a request).
+            assert self._starting is not None
+            await self._starting
+            runtime_args += ["--bundle-url", self.service.url]
         self.worker = await WorkerHandle.spawn(
             [
                 *_pin(device_core),
@@ -187,6 +199,7 @@ class _Bench:
                 "1",
                 "--repeats",
                 str(c.profile_repeats),
+                *runtime_args,
             ],
             env=worker_env,
         )
@@ -208,7 +221,9 @@ class _Bench:
             device_cpu=c.device_cpu,  # asked for; device_cpu_limited says if it was applied
             cpu_period_us=c.period_us if limited else None,
             device_cgroup=cgroup_of(self.worker.pid),
-            device_torch_threads=loaded["torch_threads"],
+            device_runtime=loaded.get("runtime", "torch"),
+            device_precision=loaded.get("precision", "fp32"),
+            device_threads=loaded.get("threads", loaded["torch_threads"]),
             service_torch_threads=1,
             points=loaded["points"],
             images=loaded["images"][: c.images],
@@ -221,7 +236,8 @@ class _Bench:
             prof = await self.worker.call({"cmd": "profile"})
         self.raw["device_profile"] = prof
         self.console.print(
-            f"device profile: {prof['elapsed_s']:.0f} s, CPU share {prof['cpu_share']:.2f} "
+            f"device profile ({prof.get('runtime')} {prof.get('precision')}): "
+            f"{prof['elapsed_s']:.0f} s, CPU share {prof['cpu_share']:.2f} "
             f"(cgroup {prof['cgroup']}, cores {prof['affinity']}); device candidate "
             f"{prof['costs'][0]['head_ms']:.0f} ms"
         )

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                       "rate": {k: agreement.rate(k) for k in agreement.agree},
                       "disagreeing": agreement.disagreeing},
         "bundle_sizes": bundle_sizes(bundle),
-        "installed_bytes": install_sizes(),
+        "installed_bytes": install_sizes(("torch", "onnxruntime", "numpy", "onnx")),
     }
     report.print_table(f"{args.model}: ms at 1 thread, batch 1 (20th percentile of {rounds})",
                        HEADERS, table_rows(cases), align=ALIGN, console=console)

@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import onnx
 import torch
 from PIL import Image
 
+from bench.install_size import install_sizes
 from device_client.onnx_runtime import OnnxDeviceRuntime
 from device_client.runtime import DeviceRuntime
 from shared.bundle import Bundle
@@ -186,26 +186,6 @@ def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     return {"model": model.group(1).strip() if model else "unknown",
             "vnni_flags": [f for f in _VNNI_FLAGS if f in flags],
             "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
-
-
-def install_sizes(names: Sequence[str] = ("torch", "onnxruntime", "numpy", "onnx")
-                  ) -> dict[str, int | None]:
-    """Installed bytes of each distribution (its RECORD's files), None when not installed."""
-    out: dict[str, int | None] = {}
-    for name in names:
-        try:
-            files = metadata.distribution(name).files or []
-        except metadata.PackageNotFoundError:
-            out[name] = None
-            continue
-        size = 0
-        for f in files:
-            try:
-                size += Path(str(f.locate())).stat().st_size
-            except OSError:
-                pass
-        out[name] = size
-    return out
 
 
 def _bind(fn: Callable[..., object], *args: Any) -> Callable[[], object]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
-from bench.latency_report import BAR_CHOSEN, plot, summarize, table_rows
+import pytest
+
+from bench import __main__ as cli
+from bench import latency
+from bench.latency_report import BAR_CHOSEN, markdown, plot, summarize, table_rows
 from bench.latency_run import candidate_orders
 
 CANDIDATES = ["device", "cloud", "_blocks.0", "_dropout", "auto"]
@@ -67,3 +72,24 @@ def test_auto_slower_than_its_own_candidate_misses_the_bar() -> None:
 def test_the_chart_is_drawn(tmp_path: Path) -> None:
     path = plot(summarize(_raw(51.0), command="x"), tmp_path / "latency.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_command_and_the_report_name_the_device_runtime() -> None:
+    p = argparse.ArgumentParser()
+    latency.add_arguments(p)
+    default = latency._config(p.parse_args([]))
+    assert (default.runtime, default.precision, default.bundle) == ("onnx", "fp32", None)
+    assert "--runtime onnx --precision fp32 --out" in latency._command(default)
+    torch_run = latency._config(p.parse_args(["--runtime", "torch"]))
+    assert "--runtime torch --precision fp32" in latency._command(torch_run)
+    raw = {**_raw(51.0), "device_cpu": 0.2, "device_runtime": "onnx", "device_precision": "fp32",
+           "device_threads": 1}
+    cpu = {"model": "Xeon X", "vnni_flags": ["avx512_vnni"]}
+    text = markdown(summarize(raw, command="x", cpu=cpu))
+    assert "Device: onnx fp32" in text and "Xeon X, VNNI flags: avx512_vnni" in text
+
+
+def test_int8_without_a_bundle_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    assert cli.main(["latency", "--precision", "int8", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["latency", "--runtime", "tflite"])
