@@ -25,9 +25,16 @@ RUNTIMES = ("onnx", "torch")
 
 
 def threads() -> int:
-    """Intra-op threads: ``OMP_NUM_THREADS`` if set, else the board's share of CPU."""
+    """Intra-op threads: ``OMP_NUM_THREADS`` if set, else 1.
+
+    One, not a thread per core: a head is a few milliseconds of small operators, and a pool
+    thread that has to wait for a core its neighbour holds stalls every operator. Profiled beside
+    a busy process, two threads disagreed with a quiet profile by 137-856% where one thread stayed
+    within 11% (README, "Do two profiles agree?"), and the planner trusts the profile. The
+    board's share of CPU (``shared.cpu.cpu_limit``) still caps an explicit setting.
+    """
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) >= 1 else cpu_limit()
+    return min(int(value), cpu_limit()) if value.isdigit() and int(value) >= 1 else 1
 
 
 async def open_runtime(runtime: str, model: str, *, precision: str = "fp32",
@@ -81,7 +88,6 @@ def _torch_runtime(model: str, weights: str | None) -> Runtime:
     except ImportError as exc:
         raise ConfigError("--runtime torch needs torch: pip install 'splitserve[torch]' "
                           "(or use the default --runtime onnx)") from exc
-    if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
-        torch.set_num_threads(cpu_limit())  # the board's share of CPU, not every core seen
+    torch.set_num_threads(threads())  # one unless OMP_NUM_THREADS says otherwise, as for onnx
     rt: Runtime = DeviceRuntime(model, weights=weights)
     return rt
