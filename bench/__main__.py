@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from bench import fidelity, latency, reliability, runtime, serve_overhead, service
+from bench import board, fidelity, latency, reliability, runtime, serve_overhead, service
 from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("bench/results")  # every subcommand's default --out, relative to REPO
 
 SUBCOMMANDS: dict[str, ModuleType] = {
+    "board": board,
     "fidelity": fidelity,
     "latency": latency,
     "reliability": reliability,
