@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     machine = ARCHES[args.arch]
     console = report.make_console()
     if args.setup:
-        subprocess.run(["bash", str(REPO / "bench" / "board_setup.sh")], check=True)
+        if subprocess.run(["bash", str(REPO / "bench" / "board_setup.sh")]).returncode != 0:
+            raise ConfigError("bench/board_setup.sh failed (its own message is above)")
     problems = host_problems(host_facts(machine))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -5,7 +5,7 @@ what it returns. Everything is testable without an arm64 root.
 
     >>> from bench.board_report import agreement, BoardRun
     >>> agreement([BoardRun("chelsea", "device", "device", 285, "Egyptian cat", 285,
-    ...                     "Egyptian cat", 900.0)])
+    ...                     "Egyptian cat", 0.61, 0.61, 900.0)])
     (1, 1)
 """
 
@@ -68,6 +68,7 @@ class InferAnswer:
     ran: str
     top1_index: int
     top1_label: str
+    top1_prob: float
     fallback: str | None
     total_ms: float
 
@@ -91,7 +92,7 @@ def parse_infer_json(text: str) -> list[InferAnswer]:
             answers.append(InferAnswer(
                 image=str(obj["image"]), split=str(obj["split"]), ran=str(obj["ran"]),
                 top1_index=int(top1["index"]), top1_label=str(top1["label"]),
-                fallback=obj.get("fallback"),
+                top1_prob=float(top1["prob"]), fallback=obj.get("fallback"),
                 total_ms=float(obj.get("timings_ms", {}).get("total", 0.0))))
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise ConfigError(f"infer --json line {n} is not an answer: {line[:120]!r} "
@@ -110,6 +111,8 @@ class BoardRun:
     top1_label: str
     ref_index: int
     ref_label: str
+    top1_prob: float  # the board's softmax probability of its top-1 ...
+    ref_prob: float  # ... and the reference's of its own: how close the numbers are, not only
     emulated_ms: float  # under qemu: not a board's time
 
     @property
@@ -157,7 +160,8 @@ def join_runs(photos: Sequence[str], split: str, board: Sequence[InferAnswer],
                               + (f" (fallback: {a.fallback})" if a.fallback else ""))
         runs.append(BoardRun(photo=photo, split=split, ran=a.ran, top1_index=a.top1_index,
                              top1_label=a.top1_label, ref_index=r.top1_index,
-                             ref_label=r.top1_label, emulated_ms=round(a.total_ms, 1)))
+                             ref_label=r.top1_label, top1_prob=round(a.top1_prob, 4),
+                             ref_prob=round(r.top1_prob, 4), emulated_ms=round(a.total_ms, 1)))
     return runs
 
 
@@ -171,8 +175,11 @@ def build_report(*, machine: str, runs: Sequence[BoardRun],
                  meta: Mapping[str, Any]) -> dict[str, Any]:
     """``board.json``: ``machine``, ``agree``, ``total`` and ``runs`` first, then ``meta``."""
     agree, total = agreement(runs)
+    gaps = [abs(r.top1_prob - r.ref_prob) for r in runs if r.agree]
     return {"machine": machine, "agree": agree, "total": total,
-            "runs": [r.to_json() for r in runs], "times": EMULATION_NOTE, **meta}
+            "runs": [r.to_json() for r in runs],
+            "max_top1_prob_gap": round(max(gaps), 4) if gaps else None,
+            "times": EMULATION_NOTE, **meta}
 
 
 def board_markdown(result: Mapping[str, Any]) -> str:
@@ -190,7 +197,9 @@ def board_markdown(result: Mapping[str, Any]) -> str:
         f"Service: x86 `python -m cloud_server` on loopback ({result.get('service_backend', '?')} "
         f"backend). Reference: the x86 torch device (`infer --runtime torch --split device`).",
         "",
-        f"**Top-1 agreement with the x86 torch device: {result['agree']}/{result['total']}.**",
+        f"**Top-1 agreement with the x86 torch device: {result['agree']}/{result['total']}.** "
+        f"Largest gap between the two top-1 probabilities where they agree: "
+        f"{result.get('max_top1_prob_gap')}.",
         "", EMULATION_NOTE, "",
     ]
     table = report.markdown_table(TABLE_HEADERS, table_rows(result["runs"]))
@@ -199,8 +208,10 @@ def board_markdown(result: Mapping[str, Any]) -> str:
 
 def table_rows(runs: Iterable[Mapping[str, Any]]) -> list[list[str]]:
     """One row per run of ``board.json``'s ``runs``, in ``TABLE_HEADERS`` order (no times)."""
-    return [[r["photo"], r["split"], r["ran"], f"{r['top1_label']} ({r['top1_index']})",
-             f"{r['ref_label']} ({r['ref_index']})", "yes" if r["agree"] else "NO"]
+    return [[r["photo"], r["split"], r["ran"],
+             f"{r['top1_label']} ({r['top1_index']}) p={r['top1_prob']:.3f}",
+             f"{r['ref_label']} ({r['ref_index']}) p={r['ref_prob']:.3f}",
+             "yes" if r["agree"] else "NO"]
             for r in runs]
 
 

@@ -61,7 +61,7 @@ def test_infer_json_lines_parse_into_answers() -> None:
     (a,) = parse_infer_json(_line("/tmp/p/chelsea.png", 285, "Egyptian cat"))
     assert (a.image, a.top1_index, a.top1_label, a.ran, a.fallback) == (
         "/tmp/p/chelsea.png", 285, "Egyptian cat", "device", None)
-    assert a.total_ms == 812.5
+    assert (a.total_ms, a.top1_prob) == (812.5, 0.9)
 
 
 @pytest.mark.parametrize("text", ["not json", '{"image": "x"}', '{"image": "x", "top5": []}'],
@@ -99,8 +99,9 @@ def test_a_missing_answer_or_a_fallback_is_an_error_not_a_run() -> None:
 
 def _runs() -> list[BoardRun]:
     return [BoardRun("chelsea", "device", "device", 285, "Egyptian cat", 285, "Egyptian cat",
-                     900.0),
-            BoardRun("coffee", "_blocks.9", "split", 504, "coffee mug", 967, "espresso", 700.0)]
+                     0.61, 0.6, 900.0),
+            BoardRun("coffee", "_blocks.9", "split", 504, "coffee mug", 967, "espresso",
+                     0.5, 0.4, 700.0)]
 
 
 def test_board_json_leads_with_machine_agree_total_and_runs() -> None:
@@ -110,7 +111,8 @@ def test_board_json_leads_with_machine_agree_total_and_runs() -> None:
     assert result["runs"][1] == {
         "photo": "coffee", "split": "_blocks.9", "ran": "split", "top1_index": 504,
         "top1_label": "coffee mug", "ref_index": 967, "ref_label": "espresso",
-        "emulated_ms": 700.0, "agree": False}
+        "top1_prob": 0.5, "ref_prob": 0.4, "emulated_ms": 700.0, "agree": False}
+    assert result["max_top1_prob_gap"] == 0.01  # over the runs that agree only
     assert result["times"] == EMULATION_NOTE
     json.dumps(result)  # writable as is
 
@@ -122,7 +124,8 @@ def test_the_table_says_times_are_emulated_and_shows_none() -> None:
     assert "not a board's times" in md
     table = md[md.index("| photo"):]
     assert "ms" not in table and "900" not in table
-    assert "| coffee | _blocks.9 | split | coffee mug (504) | espresso (967) | NO |" in table
+    assert ("| coffee | _blocks.9 | split | coffee mug (504) p=0.500 | espresso (967) p=0.400 "
+            "| NO |") in table
 
 
 def test_pip_in_the_root_gets_the_host_s_remote_index_and_ca_not_its_local_x86_wheels() -> None:
