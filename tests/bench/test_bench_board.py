@@ -3,6 +3,7 @@ refusals, without an arm64 root; one test uses the cached root when this machine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -179,16 +180,15 @@ def test_a_ready_host_has_no_problems() -> None:
         "disabled", "no-interpreter"])
 def test_each_missing_host_piece_is_one_line_with_its_fix(change: dict[str, object],
                                                           expected: str) -> None:
-    facts = HostFacts(**{**READY.__dict__, **change})  # type: ignore[arg-type]
-    (problem,) = host_problems(facts)
+    (problem,) = host_problems(dataclasses.replace(READY, **change))  # type: ignore[arg-type]
     assert expected in problem and "\n" not in problem
 
 
 def test_the_cli_refuses_a_host_without_qemu_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(board, "host_facts", lambda machine: HostFacts(
-        **{**READY.__dict__, "qemu_version": None, "binfmt_entry": None}))
+    monkeypatch.setattr(board, "host_facts", lambda machine: dataclasses.replace(
+        READY, qemu_version=None, binfmt_entry=None))
     code = cli.main(["board", "--arch", "arm64", "--out", str(tmp_path), "--root",
                      str(tmp_path / "root")])
     err = capsys.readouterr().err
