@@ -24,7 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from bench import fidelity, install_size, latency, reliability, runtime, serve_overhead, service
+from bench import (
+    board,
+    fidelity,
+    install_size,
+    latency,
+    reliability,
+    runtime,
+    serve_overhead,
+    service,
+)
 from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
@@ -34,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("bench/results")  # every subcommand's default --out, relative to REPO
 
 SUBCOMMANDS: dict[str, ModuleType] = {
+    "board": board,
     "fidelity": fidelity,
     "install-size": install_size,
     "latency": latency,

@@ -169,8 +169,12 @@ def extract_archive(archive: Path, out: Path, *, source: str = "the bundle archi
             if MANIFEST_NAME not in names:
                 raise BundleError(f"refused {source}: it has no {MANIFEST_NAME}")
             out.mkdir()
-            # The checks above already allow only plain files; "data" is the second lock.
-            tar.extractall(out, members=members, filter="data")
+            # The checks above already allow only plain files; "data" is the second lock where
+            # this Python has it (3.11.4+: Debian 12's 3.11.2, a board's Python, has not).
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(out, members=members, filter="data")
+            else:
+                tar.extractall(out, members=members)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise BundleError(f"refused {source}: not a readable tar ({exc})") from exc
     except OSError as exc:

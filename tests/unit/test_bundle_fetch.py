@@ -194,6 +194,23 @@ def test_the_service_archive_is_deterministic_and_unpacks(tiny: Path, tmp_path: 
     assert use_bundle(tmp_path / "out", fingerprint=TINY_FINGERPRINT).manifest.model == TINY_MODEL
 
 
+def test_it_unpacks_on_a_python_without_tar_filters(tiny: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python before 3.11.4 (Debian 12's 3.11.2, as on a board) has no extractall(filter=).
+    plain_extractall = tarfile.TarFile.extractall
+
+    def old_extractall(self: tarfile.TarFile, path: Any = ".", members: Any = None, *,
+                       numeric_owner: bool = False, **kwargs: Any) -> None:
+        if kwargs:
+            raise TypeError(f"unexpected keyword argument {next(iter(kwargs))!r}")
+        plain_extractall(self, path, members, numeric_owner=numeric_owner, filter="data")
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+    extract_archive(build_archive(load_bundle(tiny)).path, tmp_path / "out")
+    assert use_bundle(tmp_path / "out", fingerprint=TINY_FINGERPRINT).manifest.model == TINY_MODEL
+
+
 def test_use_bundle_checks_like_a_download(tiny: Path) -> None:
     _wrong_sha(tiny)
     with pytest.raises(BundleIntegrityError, match="does not match its sha256"):
