@@ -76,8 +76,8 @@ def round_weights(w: np.ndarray, scale: np.ndarray, q: np.ndarray, moments: np.n
 
     >>> import numpy as np
     >>> w = np.array([[0.26, 0.26]]); m = np.array([[[1.0, 0.9], [0.9, 1.0]]])
-    >>> round_weights(w, np.array([0.5]), np.array([[1, 1]]), m)  # nearest: both up
-    array([[1, 0]], dtype=int8)
+    >>> round_weights(w, np.array([0.5]), np.array([[1, 1]]), m)  # nearest: both up; errors cancel
+    array([[0, 1]], dtype=int8)
     """
     w = w.astype(np.float64)
     channels, k = w.shape
