@@ -24,16 +24,41 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench import report
-from bench.fidelity_measure import CloudFidelity, Fidelity, PointFidelity, measure_fidelity
+from bench.fidelity_measure import (
+    CloudFidelity,
+    Fidelity,
+    Int8Fidelity,
+    PointFidelity,
+    measure_fidelity,
+)
 from bench.images import evaluation_images
+from bench.runtime import open_bundle
+from device_client.onnx_runtime import OnnxDeviceRuntime
 from device_client.runtime import DeviceRuntime, EncodeOptions
 from shared import cliargs
+from shared.errors import ConfigError
 from shared.models import list_models
 
-__all__ = ["HEADERS", "add_arguments", "plot", "run", "table_rows", "write_outputs"]
+__all__ = ["HEADERS", "INT8_HEADERS", "add_arguments", "int8_rows", "plot", "run", "table_rows",
+           "write_outputs"]
 
 HEADERS = ("split", "float32 bytes", "wire bytes", "ratio", "top-1 agreement", "mean |Δlogit|")
 ALIGN = "lrrrrr"
+INT8_HEADERS = ("int8 on the device (ONNX Runtime)", "top-1 agreement", "mean |Δlogit|",
+                "max |Δlogit|")
+
+
+def int8_rows(fid: Fidelity) -> list[list[str]]:
+    """Rows of the int8 table: the whole model in int8, then each int8 head through the wire
+    to its float32 tail; empty when int8 was not measured."""
+
+    def row(r: Int8Fidelity) -> list[str]:
+        name = "whole model" if r.split is None else f"head {r.index:>2} {r.split} + wire + tail"
+        agreed = fid.images - len(r.disagreeing)
+        return [name, f"{r.top1_agreement:.1%} ({agreed}/{fid.images})",
+                f"{r.mean_abs_dlogit:.4f}", f"{r.max_abs_dlogit:.3f}"]
+
+    return [row(r) for r in fid.int8]
 
 
 def table_rows(fid: Fidelity) -> list[list[str]]:
@@ -91,6 +116,13 @@ def plot(fid: Fidelity, path: Path) -> Path:
     return report.save_png(fig, path)
 
 
+INT8_NOTE = (
+    "The bundle's int8 graphs (`device_client export --int8`, `--precision int8`) run by ONNX "
+    "Runtime: the whole model, and each int8 head whose output crosses the wire as above to "
+    "the float32 tail. Same images and reference as the table above."
+)
+
+
 def write_outputs(fid: Fidelity, out: Path, command: str, **extra: Any) -> list[Path]:
     """Write ``fidelity.json``, ``fidelity.md`` and ``fidelity.png`` to ``out``."""
     md = (
@@ -99,6 +131,11 @@ def write_outputs(fid: Fidelity, out: Path, command: str, **extra: Any) -> list[
         f"Reference: unsplit float32.\n\n`{command}`\n\n"
         + report.markdown_table(HEADERS, table_rows(fid), align=ALIGN)
     )
+    if fid.int8:
+        md += (
+            f"\n## int8 on the device, against unsplit float32\n\n{INT8_NOTE}\n\n"
+            + report.markdown_table(INT8_HEADERS, int8_rows(fid), align="lrrr")
+        )
     return [
         report.write_json(out / "fidelity.json", fid.to_json(command, **extra)),
         report.write_text(out / "fidelity.md", md),
@@ -134,6 +171,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="1..22 (default 3)",
     )
     p.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="an exported bundle with int8, for the int8 rows (default: OUT/bundle, exported "
+        "there if it holds none, as bench runtime does)",
+    )
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    p.add_argument(
         "--threads",
         type=cliargs.integer(at_least=0),
         default=0,
@@ -150,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         f"python -m bench fidelity --model {args.model} --crops {crops} "
         f"--granularity {args.granularity} --zstd-level {args.zstd_level} --out {args.out}"
         + (f" --threads {args.threads}" if args.threads else "")
+        + (" --no-int8" if args.no_int8 else f" --bundle {args.bundle}" if args.bundle else "")
     )
     args.out.mkdir(parents=True, exist_ok=True)  # fail now, not after minutes of measuring
     if args.threads:
@@ -161,6 +207,14 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model} and {crops} crops"):
         runtime = DeviceRuntime(args.model)
         images = evaluation_images(crops)
+    int8 = None
+    if not args.no_int8:
+        with console.status(f"int8 bundle {args.bundle or args.out / 'bundle'}"):
+            bundle = open_bundle(args.bundle or args.out / "bundle", args.model,
+                                 runtime.fingerprint, export=args.bundle is None)
+        if "int8" not in bundle.manifest.precisions:
+            raise ConfigError(f"{bundle.root} has no int8 graphs: export it with --int8")
+        int8 = OnnxDeviceRuntime(bundle, precision="int8", threads=1)
     columns = (
         TextColumn("{task.description:<20}"),
         BarColumn(),
@@ -168,12 +222,14 @@ def run(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("reference + cloud", total=len(runtime.points) + 1)
+        steps = len(runtime.points) * (2 if int8 else 1) + 1
+        task = progress.add_task("reference + cloud", total=steps)
         fid = measure_fidelity(
             runtime,
             images,
             options=options,
             on_step=lambda label: progress.update(task, advance=1, description=label),
+            int8=int8,
         )
     elapsed = time.perf_counter() - started
     report.print_table(
@@ -183,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
         align=ALIGN,
         console=console,
     )
+    if fid.int8:
+        report.print_table("int8 on the device vs unsplit float32", INT8_HEADERS, int8_rows(fid),
+                           align="lrrr", console=console)
     paths = write_outputs(
         fid,
         args.out,

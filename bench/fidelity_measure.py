@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -26,7 +27,8 @@ from shared.inbound import decode_frame
 from shared.partition import SplitPoint
 from shared.preprocess import center_crop, encode_jpeg, load_image, preprocess
 
-__all__ = ["CloudFidelity", "Fidelity", "PointFidelity", "measure_fidelity"]
+__all__ = ["CloudFidelity", "Fidelity", "Int8Fidelity", "Int8Runtime", "PointFidelity",
+           "measure_fidelity"]
 
 JPEG_QUALITY = 90  # what the device's `cloud` candidate sends (device_client.pipeline)
 # Images per head/tail/reference call. On the 2-core bench machine (efficientnet_lite0, float32)
@@ -86,6 +88,31 @@ class CloudFidelity:
         return {**asdict(self), "ratio": self.ratio, "disagreeing": list(self.disagreeing)}
 
 
+class Int8Runtime(Protocol):
+    """What the int8 rows need of a device runtime: ``OnnxDeviceRuntime(bundle, precision=
+    "int8")`` (batch-1 numpy in, numpy out)."""
+
+    def point(self, key: str | int) -> Any: ...
+    def run_head(self, point: Any, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
+    def run_full(self, x: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Int8Fidelity:
+    """An int8 head through the wire to the float32 tail (``split``), or the whole model in
+    int8 (``split`` None), against unsplit float32."""
+
+    split: str | None
+    index: int | None
+    top1_agreement: float
+    mean_abs_dlogit: float
+    max_abs_dlogit: float
+    disagreeing: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "disagreeing": list(self.disagreeing)}
+
+
 @dataclass(frozen=True)
 class Fidelity:
     """The whole measurement: one ``PointFidelity`` per split point measured, plus ``cloud``."""
@@ -96,6 +123,7 @@ class Fidelity:
     zstd_level: int
     points: tuple[PointFidelity, ...]
     cloud: CloudFidelity
+    int8: tuple[Int8Fidelity, ...] = ()  # whole model first, then the points; () if not measured
 
     def to_json(self, command: str, **extra: Any) -> dict[str, Any]:
         return {
@@ -106,6 +134,7 @@ class Fidelity:
             "method": METHOD,
             "points": [p.to_json() for p in self.points],
             "cloud": self.cloud.to_json(),
+            "int8": [r.to_json() for r in self.int8],
             **extra,
             "command": command,
         }
@@ -143,7 +172,9 @@ def _measure_point(
     names: Sequence[str],
     options: EncodeOptions,
 ) -> PointFidelity:
-    logits, sizes, per_channel = [], [], []
+    logits: list[torch.Tensor] = []
+    sizes: list[int] = []
+    per_channel: list[bool] = []
     for batch in batches:
         acts = runtime.run_head(point, batch)
         rows = []
@@ -180,12 +211,16 @@ def measure_fidelity(
     points: Sequence[SplitPoint] | None = None,
     options: EncodeOptions | None = None,
     on_step: Callable[[str], None] | None = None,
+    int8: Int8Runtime | None = None,
 ) -> Fidelity:
-    """Measure ``points`` (default: all of them) and the ``cloud`` candidate on ``images``.
+    """Measure ``points`` (default: all of them) and the ``cloud`` candidate on ``images``;
+    with ``int8``, also its whole model and its head at each of ``points`` (through the wire to
+    the float32 tail).
 
     ``on_step(label)`` is called after the reference/cloud step and after each split point
-    (``len(points) + 1`` calls), for progress bars. ``images`` are ``(name, RGB image)``;
-    ``PointFidelity.per_channel`` reports the first one's frame.
+    (``len(points) + 1`` calls, and one per point more with ``int8``), for progress bars.
+    ``images`` are ``(name, RGB image)``; ``PointFidelity.per_channel`` reports the first one's
+    frame.
     """
     if not images:
         raise ValueError("measure_fidelity needs at least one image")
@@ -204,6 +239,13 @@ def measure_fidelity(
         for point in points:
             results.append(_measure_point(runtime, point, batches, ref, names, options))
             step(point.name)
+        int8_rows = []
+        if int8 is not None:
+            full = torch.cat([torch.from_numpy(int8.run_full(x.numpy())) for x in xs])
+            int8_rows.append(Int8Fidelity(None, None, *_compare(full, ref, names)))
+            for point in points:
+                int8_rows.append(_measure_int8(runtime, int8, point, xs, ref, names, options))
+                step(f"int8 {point.name}")
     return Fidelity(
         model=runtime.name,
         images=len(images),
@@ -211,7 +253,33 @@ def measure_fidelity(
         zstd_level=options.zstd_level,
         points=tuple(results),
         cloud=cloud,
+        int8=tuple(int8_rows),
     )
+
+
+def _measure_int8(
+    runtime: DeviceRuntime,
+    int8: Int8Runtime,
+    point: SplitPoint,
+    xs: Sequence[torch.Tensor],
+    ref: torch.Tensor,
+    names: Sequence[str],
+    options: EncodeOptions,
+) -> Int8Fidelity:
+    # The int8 head runs at batch 1 as on the device; its frames are decoded as the server
+    # does and the float32 tail runs in batches of BATCH, as in _measure_point.
+    head_point = int8.point(point.index)
+    rows = []
+    for i, x in enumerate(xs):
+        acts = tuple(torch.from_numpy(a) for a in int8.run_head(head_point, x.numpy()))
+        frame = runtime.encode(point, acts, f"fidelity-{i}", options)
+        rows.append(_server_decode(runtime, frame, point)[1])
+    logits = [
+        runtime.run_tail(point, tuple(torch.cat(col) for col in zip(*rows[i : i + BATCH],
+                                                                   strict=True)))
+        for i in range(0, len(rows), BATCH)
+    ]
+    return Int8Fidelity(point.name, point.index, *_compare(torch.cat(logits), ref, names))
 
 
 def _measure_cloud(

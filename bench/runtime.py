@@ -38,7 +38,8 @@ from shared.bundle import load_bundle
 from shared.errors import BundleError, ConfigError
 from shared.models import list_models
 
-__all__ = ["HEADERS", "add_arguments", "plot", "run", "table_rows", "write_outputs"]
+__all__ = ["HEADERS", "add_arguments", "open_bundle", "plot", "run", "table_rows",
+           "write_outputs"]
 
 HEADERS = ("case", "torch ms", "ORT fp32 ms", "ORT int8 ms", "fp32 speed-up", "int8 speed-up")
 ALIGN = "lrrrrr"
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     torch_rt = DeviceRuntime(args.model)
     bundle_dir = args.bundle or args.out / "bundle"
     with console.status(f"bundle {bundle_dir}"):
-        bundle = _bundle(bundle_dir, args.model, torch_rt.fingerprint, export=args.bundle is None)
+        bundle = open_bundle(bundle_dir, args.model, torch_rt.fingerprint,
+                             export=args.bundle is None)
     fp32 = OnnxDeviceRuntime(bundle, precision="fp32", threads=1)
     int8 = (OnnxDeviceRuntime(bundle, precision="int8", threads=1)
             if "int8" in bundle.manifest.precisions else None)
@@ -192,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundle(path: Path, model: str, fingerprint: str, *, export: bool) -> Any:
+def open_bundle(path: Path, model: str, fingerprint: str, *, export: bool) -> Any:
+    """The bundle at ``path``; with ``export``, one exported there (with int8) when it holds
+    none of this model and fingerprint."""
     try:
         return load_bundle(path, model=model, fingerprint=fingerprint)
     except BundleError:

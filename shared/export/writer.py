@@ -23,7 +23,7 @@ from shared.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_bundl
 from shared.errors import ConfigError, ImageError
 from shared.export.check import Checker
 from shared.export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, export_probe, extract
-from shared.export.quantize import FLOAT32_WEIGHTS, quantize
+from shared.export.quantize import FLOAT32_WEIGHTS, Rounded, quantize
 from shared.export.weights import SharedWeights
 from shared.models import fingerprint, get_model, get_spec, imagenet_labels
 from shared.models.registry import Weights
@@ -107,6 +107,7 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
     extractor = probe.extractor()
     store = SharedWeights(staging / WEIGHTS_NAME)
     calib = [preprocess(view, pre).numpy() for im in images for view in _views(im)]
+    rounded: Rounded = {}  # heads share the whole model's weights: round each once
 
     def save(graph: onnx.ModelProto, file_name: str) -> str:
         store.externalize(graph)
@@ -115,7 +116,8 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
 
     def save_int8(graph: onnx.ModelProto, file_name: str) -> str:
         with tempfile.TemporaryDirectory(prefix="splitserve-int8-") as scratch:
-            int8 = quantize(graph, calib, input_name=INPUT_NAME, workdir=Path(scratch))
+            int8 = quantize(graph, calib, input_name=INPUT_NAME, workdir=Path(scratch),
+                            rounded=rounded)
         return save(int8, file_name)
 
     full_graph = extract(extractor, [INPUT_NAME], [OUTPUT_NAME])
@@ -155,7 +157,8 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
     extra: dict[str, Any] = {"exported_with": _versions()}
     if calib:
         extra["calibration"] = {"images": len(calib), "method": "minmax", "format": "qdq",
-                                "weights": "int8 per channel", "activations": "uint8",
+                                "weights": "int8 per channel, adaptive rounding",
+                                "activations": "uint8",
                                 "float32_weights": list(FLOAT32_WEIGHTS)}
     return {
         "format_version": FORMAT_VERSION, "model": name, "fingerprint": fingerprint(model),

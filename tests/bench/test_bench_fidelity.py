@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bench.__main__ import main
-from bench.fidelity import write_outputs
+from bench.fidelity import int8_rows, write_outputs
 from bench.fidelity_measure import Fidelity, measure_fidelity
 from bench.images import augmented_crops
 from device_client.runtime import DeviceRuntime
+from shared.partition import SplitPoint
 from shared.preprocess import preprocess
 
 
@@ -117,3 +120,45 @@ def test_cli_bad_setting_is_one_line_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("bench: error:") and message in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
+
+
+class _FloatHeads:
+    """Stands in for an int8 ``OnnxDeviceRuntime``: the float32 torch graphs, numpy in and out,
+    so the int8 rows must match the float32 wire rows exactly."""
+
+    def __init__(self, runtime: DeviceRuntime) -> None:
+        self.runtime = runtime
+
+    def point(self, key: str | int) -> SplitPoint:
+        return self.runtime.point(key)
+
+    def run_head(self, point: SplitPoint, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            return tuple(t.numpy() for t in self.runtime.run_head(point, torch.from_numpy(x)))
+
+    def run_full(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.runtime.run_full(torch.from_numpy(x)).numpy()
+
+
+def test_int8_rows_follow_the_wire_path(
+    device_runtime: DeviceRuntime, images: list[tuple[str, Image.Image]], tmp_path: Path
+) -> None:
+    point = device_runtime.points[-1]
+    fid = measure_fidelity(device_runtime, images, points=[point],
+                           int8=_FloatHeads(device_runtime))
+    whole, head = fid.int8
+    assert (whole.split, head.split, head.index) == (None, point.name, point.index)
+    assert whole.top1_agreement == 1.0 and whole.max_abs_dlogit < 1e-3
+    assert head.top1_agreement == fid.points[0].top1_agreement
+    assert head.mean_abs_dlogit == pytest.approx(fid.points[0].mean_abs_dlogit, rel=1e-3)
+    doc = fid.to_json("cmd")
+    assert [r["split"] for r in doc["int8"]] == [None, point.name]
+    assert int8_rows(fid)[0][:2] == ["whole model", "100.0% (4/4)"]
+    write_outputs(fid, tmp_path, "cmd")
+    assert "## int8 on the device" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_int8_rows_are_absent_without_an_int8_runtime(fidelity: Fidelity) -> None:
+    assert fidelity.int8 == () and int8_rows(fidelity) == []
+    assert fidelity.to_json("cmd")["int8"] == []
