@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from bench import fidelity, latency, reliability, runtime, serve_overhead, service
+from bench import fidelity, fleet, latency, reliability, runtime, serve_overhead, service
 from shared import cliargs
 from shared.errors import ConfigError, SplitServeError
 
@@ -35,6 +35,7 @@ DEFAULT_OUT = Path("bench/results")  # every subcommand's default --out, relativ
 
 SUBCOMMANDS: dict[str, ModuleType] = {
     "fidelity": fidelity,
+    "fleet": fleet,
     "latency": latency,
     "reliability": reliability,
     "runtime": runtime,
