@@ -177,6 +177,7 @@ def summarize(records: Sequence[Record], spec: RunSpec, *, engine: str = "uvicor
         "errors": sum(r.outcome == "error" for r in inside),
         "timeouts": sum(r.outcome == "timeout" for r in inside),
         "photos": len(inside),
+        "duration_s": spec.duration_s,
         "mean_batch_source": mean_batch_source,
         "by_link": by_link,
         "error_kinds": dict(Counter(r.error for r in inside if r.outcome == "error")),
