@@ -152,7 +152,7 @@ def write(doc: dict[str, Any], out: Path, console: Console) -> list[Path]:
     for o in doc["proxy_overhead"]:
         console.print(f"Ray Serve proxy ({o['replicas']} replica(s), {o['policy']}, "
                       f"N={o['devices']}): {o['overhead_ms']:+.1f} ms at p50")
-    console.print(doc["setup"]["notes"])
+    console.print(doc["setup"]["notes"], markup=False)
     return [report.write_json(out / "fleet.json", doc),
             report.write_text(out / "fleet.md", markdown(doc)),
             plot(doc, out / "fleet.png")]
