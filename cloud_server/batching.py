@@ -127,7 +127,8 @@ class Batcher:
     def _rows_now(self, key: Hashable, rows: float, at: float) -> float:
         """The key's mean batch size as of ``at``: decayed towards 1 since its last batch."""
         idle_s = max(0.0, at - self._batch_at.get(key, at))
-        return 1.0 + (rows - 1.0) * 0.5 ** (idle_s / ROWS_HALF_LIFE_S)
+        decay: float = 0.5 ** (idle_s / ROWS_HALF_LIFE_S)
+        return 1.0 + (rows - 1.0) * decay
 
     def retry_after_s(self) -> float:
         """A refused request's ``Retry-After``: the time to drain what is queued now (at least
