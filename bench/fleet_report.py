@@ -126,14 +126,21 @@ def plot(doc: Mapping[str, Any], path: Path) -> Path:
     series: dict[tuple[str, int, str], list[Mapping[str, Any]]] = {}
     for r in doc["runs"]:
         series.setdefault((r["engine"], r["replicas"], r["policy"]), []).append(r)
+    policies = list(dict.fromkeys(r["policy"] for r in doc["runs"]))
+    styles = {("uvicorn", 1): "-", ("ray-serve", 1): "--", ("ray-serve", 2): ":"}
     for (engine, replicas, policy), rows in series.items():
         rows = sorted(rows, key=lambda r: r["devices"])
         xs = [r["devices"] for r in rows]
-        style = "-" if engine == "uvicorn" else "--"
-        label = policy if engine == "uvicorn" else f"{policy} (ray x{replicas})"
+        style = styles.get((engine, replicas), "-.")
+        # matplotlib hides labels that start with "_" (every split point's name here).
+        name = policy if policy in (AUTO, "cloud", "device") else f"split {policy}"
+        label = name if engine == "uvicorn" else f"{name} (ray x{replicas})"
         width = 2.5 if policy == AUTO else 1.2
-        top.plot(xs, [r["p95_ms"] for r in rows], style, marker="o", lw=width, label=label)
-        bottom.plot(xs, [r["throughput_rps"] for r in rows], style, marker="o", lw=width)
+        color = f"C{policies.index(policy) % 10}"
+        top.plot(xs, [r["p95_ms"] for r in rows], style, color=color, marker="o", lw=width,
+                 label=label)
+        bottom.plot(xs, [r["throughput_rps"] for r in rows], style, color=color, marker="o",
+                    lw=width)
     top.set_ylabel("device p95, ms (log)")
     top.set_yscale("log")
     top.set_xscale("log", base=2)
