@@ -60,6 +60,10 @@ LINK_MIX = ("lan", "wifi", "lte", "3g")  # device 0 is on lan: N=1 gives the pro
 # models from JPEGs (~50/s measured), under what it serves of middle tails (107/s at a batch of
 # 1.5 with 1.2 s, on a busy machine; ~150/s quiet). At 1.2 s a busier hour saturated the middle.
 PERIOD_MS = 1500.0
+# The service's default start-up profile (median of 5 per split point): auto plans with it, and
+# one run per split point (bench service's setting) made near-ties between cheap-head splits and
+# cloud on a LAN go either way from one start to the next.
+PROFILE_REPEATS = 5
 
 
 def _ints(text: str) -> list[int]:
@@ -175,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     notes = []
     if "uvicorn" in engines:
-        with service._service(console, MODEL, settings, layout) as svc:
+        with service._service(console, MODEL, settings, layout,
+                              profile_repeats=PROFILE_REPEATS) as svc:
             runs += _runs(console, svc.url, inputs, "uvicorn", 1, policies, sizes, common)
     if "ray-serve" in engines:
         ordered = sorted(sizes)
@@ -234,7 +239,7 @@ def _ray(settings: dict[str, Any], layout: CpuLayout, replicas: int) -> Iterator
 
     env = {
         "SPLITSERVE_MODELS": MODEL,
-        "SPLITSERVE_PROFILE_REPEATS": "1",
+        "SPLITSERVE_PROFILE_REPEATS": str(PROFILE_REPEATS),
         "SPLITSERVE_THREADS": str(settings["threads"]),
         "OMP_NUM_THREADS": str(settings["threads"]),
         "SPLITSERVE_MAX_BATCH_SIZE": str(settings["max_batch_size"]),
