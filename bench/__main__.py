@@ -27,6 +27,7 @@ from types import ModuleType
 from bench import (
     board,
     fidelity,
+    fleet,
     install_size,
     latency,
     reliability,
@@ -45,6 +46,7 @@ DEFAULT_OUT = Path("bench/results")  # every subcommand's default --out, relativ
 SUBCOMMANDS: dict[str, ModuleType] = {
     "board": board,
     "fidelity": fidelity,
+    "fleet": fleet,
     "install-size": install_size,
     "latency": latency,
     "reliability": reliability,

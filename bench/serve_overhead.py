@@ -95,7 +95,10 @@ def _uvicorn(env: dict[str, str]) -> Iterator[str]:
 
 
 @contextmanager
-def _ray_serve(env: dict[str, str]) -> Iterator[str]:
+def _ray_serve(env: dict[str, str], *, replicas: int = 1,
+               after_start: Callable[[], None] | None = None) -> Iterator[str]:
+    """The Serve proxy's URL, in front of ``replicas`` replicas (one CPU each) on a local Ray;
+    ``after_start`` runs once Ray's processes have started (``bench fleet`` pins them)."""
     try:
         import ray
         from ray import serve
@@ -106,31 +109,40 @@ def _ray_serve(env: dict[str, str]) -> Iterator[str]:
                           ) from exc
     # The replica imports the same code as this process.
     replica_env = {**env, "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, replicas), include_dashboard=False,
+             log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(SplitServe.options(num_replicas=1, ray_actor_options={
+        if after_start is not None:
+            after_start()
+        serve.run(SplitServe.options(num_replicas=replicas, ray_actor_options={
             "num_cpus": 1, "runtime_env": {"env_vars": replica_env}}).bind(),
             name="splitserve", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url)
+        _wait_ready(url, in_a_row=5 * replicas)
         yield url
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _wait_ready(url: str) -> None:
+def _wait_ready(url: str, *, in_a_row: int = 1) -> None:
+    """Until ``in_a_row`` readiness checks in a row said 200: the proxy picks a replica per
+    request, so several in a row make it likely that every replica has loaded its model."""
     deadline = time.monotonic() + READY_TIMEOUT_S
+    good = 0
     with httpx.Client(base_url=url, timeout=10.0) as http:
         while time.monotonic() < deadline:
             try:
-                if http.get("/v2/health/ready").status_code == 200:
-                    return
+                ok = http.get("/v2/health/ready").status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+                ok = False
+            good = good + 1 if ok else 0
+            if good >= in_a_row:
+                return
+            if not ok:
+                time.sleep(0.5)
     raise SplitServeError(f"the Ray Serve replica at {url} was not ready in {READY_TIMEOUT_S} s")
 
 

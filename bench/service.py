@@ -460,17 +460,24 @@ def _raw(
 
 @contextmanager
 def _service(
-    console: Console, model: str, settings: dict[str, Any], layout: CpuLayout
+    console: Console,
+    model: str,
+    settings: dict[str, Any],
+    layout: CpuLayout,
+    *,
+    profile_repeats: int = 1,
 ) -> Iterator[LocalService]:
     """The real service on the service's cores, and this process (the load generator) on the
-    client's, for the duration of the block."""
+    client's, for the duration of the block. ``profile_repeats``: the service's start-up
+    profile (1 here, where each level warms up under load anyway; ``bench fleet``'s auto
+    devices plan with it, so it takes the service's default)."""
     env = {
         "SPLITSERVE_THREADS": str(settings["threads"]),
         "OMP_NUM_THREADS": str(settings["threads"]),
         "SPLITSERVE_MAX_BATCH_SIZE": str(settings["max_batch_size"]),
         "SPLITSERVE_MAX_QUEUE_DELAY_MS": str(settings["max_queue_delay_ms"]),
         "SPLITSERVE_MAX_QUEUE": str(settings["max_queue"]),
-        "SPLITSERVE_PROFILE_REPEATS": "1",  # each level warms up under load anyway
+        "SPLITSERVE_PROFILE_REPEATS": str(profile_repeats),
         "SPLITSERVE_BACKEND": settings["backend"],
         "SPLITSERVE_BUNDLE_DIR": settings["bundle_dir"],
     }

@@ -15,7 +15,11 @@ thread's remaining time on the batch in flight, plus the work queued ahead of it
 each key's recent compute ms per row: one thread drains every key's queue), plus the rows its own
 forward pass will carry after it (the key's recent mean batch size, less the rows already queued
 for it): a request in a batch of 16 waits for all 16 rows, while the planner's ``server_ms``
-counts one.
+counts one. That mean decays towards 1 once the key stops running (half-life
+``ROWS_HALF_LIFE_S``): a key nobody sends to any more runs its next request alone, and a
+batch size of 16 kept from a burst would tell every device to stay away from the key for good,
+so that nothing ever ran to correct it (``bench fleet`` saw it: after 128 devices on ``cloud``,
+no auto device came back to ``cloud``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from shared.errors import DeadlineExceededError, OverloadedError
 __all__ = ["BatchResult", "Batcher", "Wait"]
 
 _LOAD_ALPHA = 0.2  # EWMA of compute ms per row and of batch size, per key
+ROWS_HALF_LIFE_S = 1.0  # a key's mean batch size, past its last batch, decays towards 1
 
 RunFn = Callable[[Hashable, tuple[torch.Tensor, ...]], torch.Tensor]
 BatchHook = Callable[[Hashable, int, float], None]  # key, batch size, compute seconds
@@ -78,7 +83,8 @@ class Batcher:
     """
 
     def __init__(self, run: RunFn, *, max_batch_size: int, max_queue_delay_ms: float,
-                 max_queue: int, on_batch: BatchHook | None = None) -> None:
+                 max_queue: int, on_batch: BatchHook | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
             raise ValueError("batch size and queue bound must be >= 1, delay >= 0")
         self._run = run
@@ -93,6 +99,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._row_ms: dict[Hashable, float] = {}  # EWMA compute ms per row, per key
         self._batch_rows: dict[Hashable, float] = {}  # EWMA rows per forward pass, per key
+        self._batch_at: dict[Hashable, float] = {}  # when each key's last batch ended (clock)
+        self._clock = clock  # for the batch size's decay only
         self._busy_until = 0.0  # perf_counter when the batch in flight should end
 
     @property
@@ -111,9 +119,16 @@ class Batcher:
         for key, queue in self._queues.items():
             queued[key] = sum(p.rows for p in queue)
             shared_ms += queued[key] * (self._row_ms.get(key) or row_ms(key) or 0.0)
-        extra = {key: max(0.0, rows - 1 - queued.get(key, 0)) * self._row_ms[key]
-                 for key, rows in self._batch_rows.items()}
+        at = self._clock()
+        extra = {key: max(0.0, self._rows_now(key, rows, at) - 1 - queued.get(key, 0))
+                 * self._row_ms[key] for key, rows in self._batch_rows.items()}
         return Wait(shared_ms, extra, self._depth)
+
+    def _rows_now(self, key: Hashable, rows: float, at: float) -> float:
+        """The key's mean batch size as of ``at``: decayed towards 1 since its last batch."""
+        idle_s = max(0.0, at - self._batch_at.get(key, at))
+        decay: float = 0.5 ** (idle_s / ROWS_HALF_LIFE_S)
+        return 1.0 + (rows - 1.0) * decay
 
     def retry_after_s(self) -> float:
         """A refused request's ``Retry-After``: the time to drain what is queued now (at least
@@ -240,7 +255,10 @@ class Batcher:
     def _learn(self, key: Hashable, rows: int, compute_ms: float) -> None:
         per_row_ms = compute_ms / max(rows, 1)
         old_ms, old_rows = self._row_ms.get(key), self._batch_rows.get(key)
+        if old_rows is not None:  # what it had decayed to: the batches of a past burst are over
+            old_rows = self._rows_now(key, old_rows, self._clock())
         self._row_ms[key] = per_row_ms if old_ms is None else old_ms + _LOAD_ALPHA * (
             per_row_ms - old_ms)
         self._batch_rows[key] = rows if old_rows is None else old_rows + _LOAD_ALPHA * (
             rows - old_rows)
+        self._batch_at[key] = self._clock()
