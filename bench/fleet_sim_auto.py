@@ -106,8 +106,9 @@ class AutoDevice:
                 out[c] = self.fixed_ms[c] + server[c] + _coarse(floor + (latest - floor) * weight)
         return out
 
-    def plan(self, now_ms: float) -> str:
-        """``shared.planner.choose`` with this device's hysteresis and a fresh draw."""
+    def plan(self, now_ms: float, draw: float | None = None) -> str:
+        """``shared.planner.choose`` with this device's hysteresis and a fresh draw (or
+        ``draw``)."""
         totals = self.totals(now_ms)
         best = min(totals, key=totals.__getitem__)  # the first of equal totals, as choose()
         current = self.current
@@ -115,7 +116,8 @@ class AutoDevice:
             kept = totals[current]
             gain = kept - totals[best]
             threshold = switch_threshold_ms(kept, self.hysteresis, MIN_GAIN_MS)
-            draw = self.rng.random()
+            if draw is None:
+                draw = self.rng.random()
             if gain <= threshold or draw >= switch_probability(gain, threshold):
                 best = current
         self.current = best
