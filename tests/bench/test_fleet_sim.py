@@ -142,11 +142,12 @@ def test_relative_error() -> None:
 
 def _measured_doc(scale_p95: float) -> dict[str, Any]:
     """A fleet.json whose runs are the simulation's own results, p95 scaled."""
-    doc = {"inputs": _doc(), "runs": []}
-    inputs = FleetInputs.from_doc(doc["inputs"])
+    runs: list[dict[str, Any]] = []
+    doc = {"inputs": _doc(), "runs": runs}
+    inputs = FleetInputs.from_doc(_doc())
     for policy, devices in ((CLOUD, 1), ("middle", 1), (CLOUD, 40), ("middle", 40)):
         res = simulate(inputs, policy, devices=devices)
-        doc["runs"].append({"engine": "uvicorn", "replicas": 1, "policy": policy,
+        runs.append({"engine": "uvicorn", "replicas": 1, "policy": policy,
                             "devices": devices, "p50_ms": res.p50_ms,
                             "p95_ms": res.p95_ms * scale_p95})
     return doc
