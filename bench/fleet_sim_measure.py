@@ -34,7 +34,7 @@ from shared.preprocess import center_crop, encode_jpeg
 __all__ = ["BATCH_SIZES", "cached_service_times", "measure_service_times"]
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
-SAMPLES = 12  # forward passes per (candidate, batch size): a distribution, not just a mean
+SAMPLES = 15  # forward passes per (candidate, batch size): a distribution, not just a mean
 CACHE_NAME = "fleet_sim_service_times.json"
 
 
@@ -50,13 +50,14 @@ def measure_service_times(model: str, candidates: Iterable[str], *, cpus: set[in
                           bundle_root=Settings().bundle_root())
     device = DeviceRuntime(model)
     photos = sample_photos()
-    batch_ms: dict[str, dict[int, tuple[float, ...]]] = {}
     decode_ms: dict[str, float] = {}
+    batches: dict[tuple[str, int], Callable[[], object]] = {}
+    sizes = sorted(set(batch_sizes))
     with pinned(cpus, threads=threads):
         for cand in candidates:
             if cand == DEVICE:
                 continue
-            calls: list[Callable[[], object]] = []
+            calls: list[Callable[[], object]]
             rows: list[tuple[torch.Tensor, ...]]
             if cand == CLOUD:
                 jpegs = [encode_jpeg(center_crop(img, served.spec.preprocessing))
@@ -71,8 +72,19 @@ def measure_service_times(model: str, candidates: Iterable[str], *, cpus: set[in
                          for f in frames]
                 rows = server_inputs(device, point, frames)
             decode_ms[cand] = _median_ms(calls)
-            run = functools.partial(served.run, cand)
-            batch_ms[cand] = {b: _batch_samples(run, rows, b, samples) for b in batch_sizes}
+            for b in sizes:
+                batches[cand, b] = _batch_call(functools.partial(served.run, cand), rows, b)
+        # Rounds over every (candidate, batch size): a burst of load from elsewhere on the
+        # machine then lands on all of them alike, not on whichever was being measured.
+        times: dict[tuple[str, int], list[float]] = {k: [] for k in batches}
+        for _ in range(samples):
+            for key, call in batches.items():
+                started = time.perf_counter()
+                call()
+                times[key].append(round((time.perf_counter() - started) * 1e3, 3))
+    batch_ms: dict[str, dict[int, tuple[float, ...]]] = {}
+    for (cand, b), xs in times.items():
+        batch_ms.setdefault(cand, {})[b] = tuple(xs)
     return ServiceTimes(batch_ms, decode_ms, 0.0)
 
 
@@ -107,16 +119,11 @@ def _median_ms(calls: list[Callable[[], object]], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _batch_samples(run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
-                   rows: Sequence[tuple[torch.Tensor, ...]], size: int, samples: int
-                   ) -> tuple[float, ...]:
+def _batch_call(run: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+                rows: Sequence[tuple[torch.Tensor, ...]], size: int) -> Callable[[], object]:
+    """``run`` on ``size`` rows (cycled) stacked into one batch, warmed up."""
     picked = [rows[i % len(rows)] for i in range(size)]
     batch = tuple(torch.cat(parts) for parts in zip(*picked, strict=True))
     for _ in range(2):  # warm-up: allocator growth, lazy kernel choice
         run(batch)
-    out = []
-    for _ in range(samples):
-        started = time.perf_counter()
-        run(batch)
-        out.append(round((time.perf_counter() - started) * 1e3, 3))
-    return tuple(out)
+    return functools.partial(run, batch)
