@@ -9,11 +9,12 @@ per (candidate, batch size): the file's ``inputs.service.service_ms``, else meas
 the service's backend on one core and one thread (``bench.fleet_sim_measure``, cached in DIR).
 The model is in ``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
 
-Calibration, from structure only: the service's per-request cost outside decode and compute
-(the HTTP exchange) is fitted from the single-device runs, where nothing queues: the median of
-measured p50 less simulated p50 over the policies that use the service; Ray Serve's proxy is
-the same fit on its runs, less that. Without measured runs, ``bench service``'s one-client run
-gives the HTTP cost (``fleet_sim_defaults.http_overhead_ms``).
+Calibration, from structure only, two per-request costs that in-process timing cannot see:
+the service's CPU for the HTTP exchange (``bench service``'s one-client run: CPU per answer less
+compute and decode, ``fleet_sim_defaults.http_cpu_ms``), which loads the replica's core; and a
+delay that costs the service no CPU (event-loop and thread hand-offs, the emulator's own
+wake-ups, Ray Serve's proxy), fitted per engine on its single-device runs, where nothing
+queues: the median over the policies that use the service of measured p50 less simulated p50.
 
 ``validate(doc)`` simulates every measured run and reports the largest relative p95 difference;
 ``run_cli(args)`` simulates ``--devices`` devices for every policy and replica count, and per
@@ -35,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.fleet_sim_defaults import default_inputs_doc, http_overhead_ms
+from bench.fleet_sim_defaults import default_inputs_doc, http_cpu_ms
 from bench.fleet_sim_engine import SimResult, simulate
 from bench.fleet_sim_inputs import FleetInputs
 from shared.candidates import DEVICE
@@ -69,33 +70,29 @@ def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None) -> FleetI
 
 def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: int = 0
               ) -> tuple[FleetInputs, dict[str, Any]]:
-    """Fit the per-request HTTP cost (uvicorn) and the proxy's extra delay (ray-serve) from the
-    runs with the fewest devices of each engine (module docstring)."""
+    """The two per-request costs the in-process measurement cannot see (module docstring):
+    the service's HTTP CPU (``bench service``'s, ``fleet_sim_defaults.http_cpu_ms``) and, per
+    engine, the delay outside any CPU the simulation counts, fitted on its single-device runs
+    (0 without any)."""
     fitted: dict[str, Any] = {}
-
-    def residual(engine: str, fit: FleetInputs) -> float | None:
-        mine = [r for r in runs if r.get("engine", "uvicorn") == engine
-                and r["policy"] != DEVICE and _usable(r)]
-        if not mine:
-            return None
-        fewest = min(int(r["devices"]) for r in mine)
-        gaps = [float(r["p50_ms"]) - simulate(
-            fit, r["policy"], devices=fewest, replicas=int(r.get("replicas", 1)), seed=seed,
-            engine=engine).p50_ms for r in mine if int(r["devices"]) == fewest]
-        return statistics.median(gaps)
-
     if inputs.service.overhead_ms == 0.0:
-        gap = residual("uvicorn", inputs)
-        if gap is not None:
-            over = max(0.0, gap)
-            inputs = replace(inputs, service=inputs.service.with_overhead(over))
-            fitted["http_overhead_ms"] = round(over, 3)
-            fitted["http_overhead_source"] = "uvicorn runs with the fewest devices"
-    gap = residual("ray-serve", inputs)
-    if gap is not None:
-        inputs = replace(inputs, proxy_ms={**inputs.proxy_ms, "ray-serve": max(0.0, gap)})
-        fitted["ray_proxy_ms"] = round(max(0.0, gap), 3)
-    return inputs, fitted
+        cpu_ms = http_cpu_ms()
+        inputs = replace(inputs, service=inputs.service.with_overhead(cpu_ms))
+        fitted["http_cpu_ms"] = round(cpu_ms, 3)
+    delays = dict(inputs.proxy_ms)
+    for engine in sorted({str(r.get("engine", "uvicorn")) for r in runs}):
+        alone = [r for r in runs if r.get("engine", "uvicorn") == engine
+                 and r["policy"] != DEVICE and int(r["devices"]) == 1 and _usable(r)]
+        if not alone or engine in inputs.proxy_ms:
+            continue
+        gap = statistics.median(float(r["p50_ms"]) - simulate(
+            inputs, r["policy"], devices=1, replicas=int(r.get("replicas", 1)), seed=seed,
+            engine=engine).p50_ms for r in alone)
+        delays[engine] = max(0.0, gap)
+        fitted[f"{engine}_delay_ms"] = round(delays[engine], 3)
+    if "uvicorn" in delays and "ray-serve" in delays:
+        fitted["ray_proxy_overhead_ms"] = round(delays["ray-serve"] - delays["uvicorn"], 3)
+    return replace(inputs, proxy_ms=delays), fitted
 
 
 def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = None
@@ -215,8 +212,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if runs:
         validation = validate(doc, seed=seed, cache_dir=out)
         inputs, _ = calibrate(inputs, runs, seed=seed)
-    elif inputs.service.overhead_ms == 0.0:
-        inputs = replace(inputs, service=inputs.service.with_overhead(http_overhead_ms()))
+    else:
+        inputs, _ = calibrate(inputs, [], seed=seed)
     rows: list[dict[str, Any]] = []
     needed: dict[str, dict[str, Any]] = {}
     for devices in devices_list:
@@ -245,7 +242,8 @@ def run_cli(args: argparse.Namespace) -> int:
         "devices": devices_list, "replicas": replica_list, "target_p95_ms": target_ms,
         "seed": seed, "inputs_from": origin, "period_ms": inputs.period_ms,
         "window_s": SEARCH_DURATION_S, "warmup_s": inputs.warmup_s,
-        "http_overhead_ms": round(inputs.service.overhead_ms, 3),
+        "http_cpu_ms": round(inputs.service.overhead_ms, 3),
+        "delay_ms": {k: round(v, 3) for k, v in inputs.proxy_ms.items()},
         "rows": rows, "replicas_needed": needed,
         "validation_p95_error": None if validation is None else
         validation["validation_p95_error"],

@@ -2,9 +2,8 @@
 
 ``bench fleet``'s candidates and defaults. Device heads and payloads: the device profile the
 latency benchmark measured under its board-class CPU limit (``bench/results/latency.json``);
-links: ``bench.netem.PROFILES``; batching: the service's defaults; the per-request HTTP cost:
-``bench/results/service.json``'s single-client run (its p50 less the decode, queue and compute
-the service reported for it).
+links: ``bench.netem.PROFILES``; batching: the service's defaults; the per-request HTTP CPU:
+``bench/results/service.json``'s single-client run.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from bench.netem import PROFILES
 from shared.candidates import CLOUD, DEVICE
 from shared.errors import ConfigError
 
-__all__ = ["PERIOD_MS", "default_inputs_doc", "http_overhead_ms"]
+__all__ = ["PERIOD_MS", "default_inputs_doc", "http_cpu_ms"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PERIOD_MS = 1200.0  # bench fleet's default: one photo per 1.2 s per device
@@ -62,14 +61,16 @@ def default_inputs_doc(latency_json: Path = RESULTS / "latency.json") -> dict[st
     }
 
 
-def http_overhead_ms(service_json: Path = RESULTS / "service.json") -> float:
-    """Per-request service time outside decode, queue and compute, from ``bench service``'s
-    one-client run: its p50 less what the service reported for those three (loopback, no link)."""
+def http_cpu_ms(service_json: Path = RESULTS / "service.json") -> float:
+    """The service's CPU per request outside decode and compute (the HTTP exchange, the JSON
+    answer), from ``bench service``'s one-client run: its CPU per answer less the compute per
+    row and the decode the service reported (2.0 ms in the committed results)."""
     try:
         runs = json.loads(service_json.read_text())["runs"]
         one = min(runs, key=lambda r: r["concurrency"])
         parts = one["server_ms"]
-        return max(0.0, float(one["p50_ms"]) - sum(float(parts[k]) for k in
-                                                    ("compute", "decode", "queue")))
+        rows = float(one.get("mean_batch_size") or 1.0)
+        return max(0.0, float(one["service_cpu_ms_per_answer"]) - float(parts["compute"]) / rows
+                   - float(parts["decode"]))
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"no single-client run in {service_json}: {exc}") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,14 +45,18 @@ class LinkSpec:
 @dataclass(frozen=True)
 class ServiceTimes:
     """Measured service costs. ``batch_ms[candidate][batch size]``: samples of one forward
-    pass; batch sizes not measured are interpolated between the nearest measured ones (the
-    nearest one's samples, scaled by the ratio of interpolated means). ``request_ms`` is each
+    pass (drawn from, or their median taken: ``spread``); batch sizes not measured are
+    interpolated between the nearest measured ones (the nearest one's samples, scaled by the
+    ratio of interpolated means). ``request_ms`` is each
     request's own CPU on the replica (``overhead_ms`` for every request, plus the candidate's
     ``decode_ms`` when decode was measured apart from the batch)."""
 
     batch_ms: Mapping[str, Mapping[int, tuple[float, ...]]]
     decode_ms: Mapping[str, float] = field(default_factory=dict)
     overhead_ms: float = 0.0
+    # Draw each forward pass from the samples (True), or take their median (False): on a
+    # shared machine most of the measured spread is other processes' load, not the service's.
+    spread: bool = False
 
     def __post_init__(self) -> None:
         for cand, sizes in self.batch_ms.items():
@@ -61,10 +66,10 @@ class ServiceTimes:
     @classmethod
     def from_json(cls, service_ms: Mapping[str, Mapping[str, Sequence[float]]], *,
                   decode_ms: Mapping[str, float] | None = None,
-                  overhead_ms: float = 0.0) -> ServiceTimes:
+                  overhead_ms: float = 0.0, spread: bool = False) -> ServiceTimes:
         batch = {cand: {int(b): tuple(float(x) for x in xs) for b, xs in sizes.items()}
                  for cand, sizes in service_ms.items()}
-        return cls(batch, dict(decode_ms or {}), overhead_ms)
+        return cls(batch, dict(decode_ms or {}), overhead_ms, spread)
 
     def with_overhead(self, overhead_ms: float) -> ServiceTimes:
         return replace(self, overhead_ms=overhead_ms)
@@ -74,7 +79,7 @@ class ServiceTimes:
 
     def mean_ms(self, cand: str, rows: int) -> float:
         """Mean ms of a forward pass of ``rows`` rows (interpolated)."""
-        sizes = self.batch_ms[cand]
+        sizes = self.typical(cand)
         keys = sorted(sizes)
         means = [sum(sizes[k]) / len(sizes[k]) for k in keys]
         if rows in sizes:
@@ -87,10 +92,17 @@ class ServiceTimes:
         lo, hi = keys[i - 1], keys[i]
         return means[i - 1] + (means[i] - means[i - 1]) * (rows - lo) / (hi - lo)
 
+    def typical(self, cand: str) -> Mapping[int, tuple[float, ...]]:
+        """The samples the simulation draws from: all of them, or only their median."""
+        sizes = self.batch_ms[cand]
+        if self.spread:
+            return sizes
+        return {b: (statistics.median(xs),) for b, xs in sizes.items()}
+
     def sampler(self, cand: str, batch_max: int) -> list[tuple[tuple[float, ...], float]]:
         """Per batch size 1..batch_max: (samples, scale) such that ``choice(samples) * scale``
         draws a forward pass of that size."""
-        sizes = self.batch_ms[cand]
+        sizes = self.typical(cand)
         keys = sorted(sizes)
         out: list[tuple[tuple[float, ...], float]] = [((0.0,), 0.0)]
         for rows in range(1, batch_max + 1):
@@ -106,7 +118,8 @@ class ServiceTimes:
     def to_json(self) -> dict[str, Any]:
         return {"service_ms": {c: {str(b): list(xs) for b, xs in sorted(s.items())}
                                for c, s in self.batch_ms.items()},
-                "decode_ms": dict(self.decode_ms), "overhead_ms": self.overhead_ms}
+                "decode_ms": dict(self.decode_ms), "overhead_ms": self.overhead_ms,
+                "spread": self.spread}
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,8 @@ class FleetInputs:
     warmup_s: float = 4.0
     timeout_ms: float = 10_000.0  # the device's deadline per request; then it finishes locally
     tail_ms: Mapping[str, float] = field(default_factory=dict)  # device time to finish locally
-    proxy_ms: Mapping[str, float] = field(default_factory=dict)  # engine -> extra delay
+    # engine -> per-request delay that costs the replica no CPU (fitted: bench.fleet_sim)
+    proxy_ms: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.period_ms <= 0 or self.batch_max < 1 or self.batch_wait_ms < 0:
@@ -150,7 +164,8 @@ class FleetInputs:
             if service is None:
                 if "service_ms" not in svc:
                     raise ConfigError("inputs.service.service_ms is absent: measure it")
-                service = ServiceTimes.from_json(svc["service_ms"])
+                service = ServiceTimes.from_json(
+                    svc["service_ms"], overhead_ms=float(svc.get("http_cpu_ms", 0.0)))
             links = {name: LinkSpec(name, float(v["rtt_ms"]), float(v["up_bps"]),
                                     float(v["down_bps"]))
                      for name, v in inputs["links"].items()}

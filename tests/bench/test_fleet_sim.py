@@ -30,6 +30,7 @@ def _doc(*, batch_ms: dict[str, dict[str, list[float]]] | None = None, period_ms
         "request_bytes": {DEVICE: 0.0, CLOUD: 1000.0, "mid": 650.0},
         "response_bytes": 1000.0, "split_points": {"middle": "mid"},
         "service": {"batch_max": batch_max, "batch_wait_ms": batch_wait_ms, "threads": 1,
+                    "http_cpu_ms": 0.5,
                     "service_ms": batch_ms or {
                         CLOUD: {"1": [10.0], "4": [28.0], "16": [100.0]},
                         "mid": {"1": [5.0], "4": [14.0], "16": [50.0]}}},
@@ -43,9 +44,9 @@ def _inputs(**kw: Any) -> FleetInputs:
 def test_one_device_never_queues() -> None:
     inputs = _inputs()
     res = simulate(inputs, "middle", devices=1)
-    # head 40 + (1 ms RTT/2 + 1000 B up at 8 Mbit/s = 1 ms) + 2 ms batch wait + 5 ms compute +
-    # (1 ms RTT/2 + 1000 B down = 1 ms): every photo the same, nothing waits for another.
-    assert res.p50_ms == pytest.approx(40 + 1 + 1 + 2 + 5 + 1 + 1)
+    # head 40 + (1 ms RTT/2 + 1000 B up at 8 Mbit/s = 1 ms) + 0.5 ms HTTP + 2 ms batch wait +
+    # 5 ms compute + (1 ms RTT/2 + 1000 B down = 1 ms): every photo alike, none waits.
+    assert res.p50_ms == pytest.approx(40 + 1 + 1 + 0.5 + 2 + 5 + 1 + 1)
     assert res.p95_ms == pytest.approx(res.p50_ms)
     assert res.mean_batch_size == 1.0
     assert res.rejected_503 == res.fallbacks == res.timeouts == 0
@@ -59,11 +60,11 @@ def test_device_policy_needs_no_service() -> None:
 
 
 def test_utilisation_is_arrival_rate_times_service_time() -> None:
-    # batch_max 1: every request is its own 5 ms forward pass; 20 devices at 1 photo/s offer
-    # 20 requests/s, so the core is busy 20 x 5 ms = 10 % of the time.
+    # batch_max 1: every request is its own 5 ms forward pass + 0.5 ms HTTP; 20 devices at 1
+    # photo/s offer 20 requests/s, so the core is busy 20 x 5.5 ms = 11 % of the time.
     inputs = _inputs(batch_max=1, batch_wait_ms=0.0)
     res = simulate(inputs, "middle", devices=20)
-    assert res.utilisation == pytest.approx(0.10, rel=0.05)
+    assert res.utilisation == pytest.approx(0.11, rel=0.05)
     assert res.throughput_rps == pytest.approx(20, rel=0.1)
 
 
@@ -92,7 +93,8 @@ def test_overload_is_refused_with_503_and_answered_by_fallback() -> None:
 def test_deterministic_under_a_seed() -> None:
     noisy = {CLOUD: {"1": [8.0, 10.0, 14.0], "16": [90.0, 100.0, 130.0]},
              "mid": {"1": [4.0, 5.0, 9.0], "16": [45.0, 50.0, 70.0]}}
-    inputs = _inputs(batch_ms=noisy, period_ms=300.0)
+    base = _inputs(batch_ms=noisy, period_ms=300.0)
+    inputs = replace(base, service=replace(base.service, spread=True))
     a = simulate(inputs, "auto", devices=200, replicas=2, seed=3)
     b = simulate(inputs, "auto", devices=200, replicas=2, seed=3)
     c = simulate(inputs, "auto", devices=200, replicas=2, seed=4)
@@ -156,7 +158,7 @@ def _measured_doc(scale_p95: float) -> dict[str, Any]:
 def test_validate_reports_the_largest_relative_p95_error() -> None:
     exact = validate(_measured_doc(1.0))
     assert exact["validation_p95_error"] == pytest.approx(0.0, abs=1e-3)
-    assert exact["calibration"]["http_overhead_ms"] == pytest.approx(0.0, abs=1e-6)
+    assert exact["calibration"]["uvicorn_delay_ms"] == pytest.approx(0.0, abs=1e-6)
     assert len(exact["runs"]) == 4 and exact["met"]
     off = validate(_measured_doc(1.25))
     # measured = 1.25 x simulated: |sim - measured| / measured = 0.25 / 1.25
@@ -164,13 +166,13 @@ def test_validate_reports_the_largest_relative_p95_error() -> None:
     assert not off["met"]
 
 
-def test_validate_fits_the_http_cost_from_single_device_runs() -> None:
+def test_validate_fits_the_delay_from_single_device_runs() -> None:
     doc = _measured_doc(1.0)
     for run in doc["runs"]:
         if run["devices"] == 1:
             run["p50_ms"] += 3.0
     result = validate(doc)
-    assert result["calibration"]["http_overhead_ms"] == pytest.approx(3.0, abs=0.01)
+    assert result["calibration"]["uvicorn_delay_ms"] == pytest.approx(3.0, abs=0.01)
 
 
 def test_replicas_search_finds_the_fewest_and_stops_at_a_floor() -> None:
