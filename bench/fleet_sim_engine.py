@@ -5,11 +5,16 @@
 Devices: each takes a photo every ``period_ms`` from a seeded phase, keeps at most one request
 in flight (a photo taken while busy waits its turn), waits its head time, then the link: RTT/2
 plus request bytes (+ HTTP headers) over the uplink, and on the way back RTT/2 plus the answer
-over the downlink. Latency counts from the start of the head, as the device reports it.
+over the downlink. Latency counts from the photo to its answer (``bench fleet``'s measure: a
+photo that waited for its busy device waited in its latency). A request not answered within
+the device's deadline is finished on the device (a timeout), and the service drops it if it is
+still queued then (``X-Request-Timeout-Ms``).
 
-A replica is one service process on one core (``cloud_server``): every request costs the core
-its ``request_ms`` (HTTP + decode, run beside the compute thread: while a batch computes, that
-time is taken from it), and ``cloud_server.batching.Batcher``'s rule forms the batches: one
+A replica is one service process on one core (``cloud_server``). Each request costs the core
+its ``request_ms`` (HTTP + decode: the event loop and ``asyncio.to_thread``, one after another)
+beside the compute thread; while both have work they share the core half and half (processor
+sharing, as the kernel shares it between the threads). ``cloud_server.batching.Batcher``'s rule
+forms the batches: one
 compute thread for every key; it takes the key whose oldest request waited longest, waits until
 that request is ``batch_wait_ms`` old or ``batch_max`` rows are queued, runs one forward pass,
 then picks again. Batches never mix keys. Past ``max_queue`` queued requests a replica answers
@@ -69,18 +74,25 @@ class SimResult:
 
 
 class _Replica:
-    __slots__ = ("batch_end", "batch_rows", "batch_start", "batched", "batches", "busy_ms",
-                 "busy_until", "depth", "filling", "inflight", "ingest_free", "key", "queue_ms",
-                 "queues", "row_ms", "running", "server_ms", "version")
+    __slots__ = ("batch_left", "batch_rows", "batch_start", "batched", "batches", "busy_ms",
+                 "busy_until", "depth", "fill_version", "filling", "head_left", "inflight",
+                 "ingest", "key", "last_t", "queue_ms", "queues", "row_ms", "running",
+                 "server_ms", "version")
 
     def __init__(self, server_ms: dict[str, float]) -> None:
         self.queues: dict[str, deque[tuple[float, _Req]]] = {}
         self.depth = 0  # queued, not yet in a forward pass (Batcher.depth)
         self.inflight = 0  # admitted and not answered (the router's figure)
-        self.ingest_free = 0.0
+        # One core, shared by two streams: requests' own work (HTTP + decode, FIFO) and the
+        # compute thread's batch. Both busy: each runs at half speed (processor sharing).
+        self.ingest: deque[tuple[float, _Req]] = deque()
+        self.head_left = 0.0  # CPU ms left of the request at the head of ``ingest``
+        self.batch_left = 0.0  # CPU ms left of the batch in flight
+        self.last_t = 0.0
+        self.fill_version = 0
         self.running: list[tuple[float, _Req]] | None = None
         self.key = ""
-        self.batch_start = self.batch_end = 0.0
+        self.batch_start = 0.0
         self.busy_until = 0.0
         self.filling: str | None = None
         self.version = 0
@@ -90,6 +102,18 @@ class _Replica:
         self.queue_ms = 0.0
         self.busy_ms = 0.0
         self.batches = self.batched = 0
+
+    def rate(self) -> float:
+        return 0.5 if self.ingest and self.running is not None else 1.0
+
+    def advance(self, now: float) -> None:
+        """Progress both streams to ``now`` (no completion falls inside: events mark them)."""
+        done = (now - self.last_t) * self.rate()
+        self.last_t = now
+        if self.ingest:
+            self.head_left -= done
+        if self.running is not None:
+            self.batch_left -= done
 
     def load(self, now: float, wait_ms: float, profiled: dict[str, float]) -> dict[str, float]:
         """``Service.load`` through ``shared.planner.load_figures``: candidate -> wait ms."""
@@ -215,8 +239,8 @@ class _Sim:
             self.start_batch(r, best)
         else:
             r.filling = best
-            r.version += 1
-            self.push(deadline, _FILL, (r, r.version))
+            r.fill_version += 1
+            self.push(deadline, _FILL, (r, r.fill_version))
 
     def start_batch(self, r: _Replica, key: str) -> None:
         """``Batcher._take`` + ``_execute``: requests past their deadline are dropped."""
@@ -241,12 +265,19 @@ class _Sim:
         samples, scale = self.samplers[key][n]
         compute = self.rng.choice(samples) * scale
         r.running, r.key, r.batch_start = batch, key, self.now
-        r.batch_end = self.now + compute
+        r.batch_left = compute
         if self.t0 <= self.now < self.t1:
             r.busy_ms += compute
         r.busy_until = self.now + r.row_ms[key] * n if key in r.row_ms else 0.0
+
+    def reschedule(self, r: _Replica) -> None:
+        """Push the next completion of each busy stream; earlier pushes go stale."""
         r.version += 1
-        self.push(r.batch_end, _BATCH_END, (r, r.version))
+        rate = r.rate()
+        if r.ingest:
+            self.push(self.now + max(r.head_left, 0.0) / rate, _INGESTED, (r, r.version))
+        if r.running is not None:
+            self.push(self.now + max(r.batch_left, 0.0) / rate, _BATCH_END, (r, r.version))
 
     def run(self) -> None:
         handlers = (self.on_start, self.on_arrive, self.on_ingested, self.on_fill,
@@ -291,19 +322,24 @@ class _Sim:
             self.fail(dev, req, now + self.down_ms[dev], timeout=False)
             return
         r.inflight += 1
+        r.advance(now)
         cost = self.request_ms[cand]
-        begin = max(now, r.ingest_free)
-        r.ingest_free = end = begin + cost
+        if not r.ingest:
+            r.head_left = cost
+        r.ingest.append((cost, req))
         if self.t0 <= now < self.t1:
             r.busy_ms += cost
-        if r.running is not None and r.batch_end > begin:
-            r.batch_end += cost  # one core: the batch in flight gives up that time
-            r.version += 1
-            self.push(r.batch_end, _BATCH_END, (r, r.version))
-        self.push(end, _INGESTED, (r, req))
+        self.reschedule(r)
 
     def on_ingested(self, payload: Any) -> None:
-        r, req = payload
+        """The request at the head of the stream is read and decoded: queue it for a batch."""
+        r, version = payload
+        if version != r.version:
+            return
+        r.advance(self.now)
+        _, req = r.ingest.popleft()
+        if r.ingest:
+            r.head_left = r.ingest[0][0]
         cand = req[1]
         q = r.queues.get(cand)
         if q is None:
@@ -314,17 +350,21 @@ class _Sim:
             self.start_batch(r, cand)
         else:
             self.kick(r)
+        self.reschedule(r)
 
     def on_fill(self, payload: Any) -> None:
         r, version = payload
-        if version == r.version and r.filling is not None:
+        if version == r.fill_version and r.filling is not None and r.running is None:
+            r.advance(self.now)
             self.start_batch(r, r.filling)
+            self.reschedule(r)
 
     def on_batch_end(self, payload: Any) -> None:
         r, version = payload
         if version != r.version or r.running is None:
             return
         now = self.now
+        r.advance(now)
         batch, key, n = r.running, r.key, len(r.running)
         r.running, r.busy_until = None, 0.0
         per_row = (now - r.batch_start) / n
@@ -336,6 +376,7 @@ class _Sim:
         r.batched += n
         r.inflight -= n
         self.kick(r)
+        self.reschedule(r)
         load = r.load(now, self.inputs.batch_wait_ms, self.profiled) if self.autos else None
         deadline_ms = self.inputs.timeout_ms
         for enq, req in batch:
