@@ -87,7 +87,7 @@ def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: i
             continue
         gap = statistics.median(float(r["p50_ms"]) - simulate(
             inputs, r["policy"], devices=1, replicas=int(r.get("replicas", 1)), seed=seed,
-            engine=engine).p50_ms for r in alone)
+            engine=engine, duration_s=_duration_s(r)).p50_ms for r in alone)
         delays[engine] = max(0.0, gap)
         fitted[f"{engine}_delay_ms"] = round(delays[engine], 3)
     if "uvicorn" in delays and "ray-serve" in delays:
@@ -110,7 +110,7 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
     for r in runs:
         sim = simulate(inputs, r["policy"], devices=int(r["devices"]),
                        replicas=int(r.get("replicas", 1)), seed=seed,
-                       engine=r.get("engine", "uvicorn"))
+                       engine=r.get("engine", "uvicorn"), duration_s=_duration_s(r))
         row = {"engine": r.get("engine", "uvicorn"), "replicas": int(r.get("replicas", 1)),
                "policy": r["policy"], "devices": int(r["devices"]),
                "measured_p95_ms": float(r["p95_ms"]), "simulated_p95_ms": round(sim.p95_ms, 2),
@@ -281,6 +281,12 @@ def _print_row(res: SimResult) -> None:
     print(f"{res.policy:<8} {res.devices:>6} dev {res.replicas:>5} rep  p50 {res.p50_ms:8.0f} ms"
           f"  p95 {res.p95_ms:8.0f} ms  {res.throughput_rps:8.0f} rps  util "
           f"{res.utilisation:5.0%}  503s {res.rejected_503}", flush=True)
+
+
+def _duration_s(run: Mapping[str, Any]) -> float | None:
+    """A run's own measured window (``bench fleet`` stretches small fleets' runs)."""
+    value = run.get("duration_s")
+    return None if value is None else float(value)
 
 
 def _usable(run: Mapping[str, Any]) -> bool:

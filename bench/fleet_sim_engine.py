@@ -74,12 +74,15 @@ class SimResult:
 
 
 class _Replica:
-    __slots__ = ("batch_left", "batch_rows", "batch_start", "batched", "batches", "busy_ms",
+    __slots__ = ("batch_at", "batch_left", "batch_rows", "batch_start", "batched", "batches",
+                 "busy_ms", "half_life_ms",
                  "busy_until", "depth", "fill_version", "filling", "head_left", "inflight",
                  "ingest", "key", "last_t", "queue_ms", "queues", "row_ms", "running",
                  "server_ms", "version")
 
-    def __init__(self, server_ms: dict[str, float]) -> None:
+    def __init__(self, server_ms: dict[str, float], half_life_ms: float | None) -> None:
+        self.half_life_ms = half_life_ms  # the mean batch size's decay once a key stops running
+        self.batch_at: dict[str, float] = {}
         self.queues: dict[str, deque[tuple[float, _Req]]] = {}
         self.depth = 0  # queued, not yet in a forward pass (Batcher.depth)
         self.inflight = 0  # admitted and not answered (the router's figure)
@@ -115,6 +118,15 @@ class _Replica:
         if self.running is not None:
             self.batch_left -= done
 
+    def rows_now(self, key: str, rows: float, now: float) -> float:
+        """``Batcher._rows_now``, where the service has it: decayed towards 1 since the key's
+        last batch."""
+        if self.half_life_ms is None:
+            return rows
+        idle_ms = max(0.0, now - self.batch_at.get(key, now))
+        decay: float = 0.5 ** (idle_ms / self.half_life_ms)
+        return 1.0 + (rows - 1.0) * decay
+
     def load(self, now: float, wait_ms: float, profiled: dict[str, float]) -> dict[str, float]:
         """``Service.load`` through ``shared.planner.load_figures``: candidate -> wait ms."""
         shared = max(0.0, self.busy_until - now)
@@ -128,7 +140,7 @@ class _Replica:
         for key in profiled:
             rows = self.batch_rows.get(key)
             extra = 0.0 if rows is None else max(
-                0.0, rows - 1 - queued.get(key, 0)) * self.row_ms[key]
+                0.0, self.rows_now(key, rows, now) - 1 - queued.get(key, 0)) * self.row_ms[key]
             if key != CLOUD and extra < 0.05:
                 extra = 0.0
             out[key] = round(shared + extra, 1)
@@ -177,7 +189,8 @@ class _Sim:
         self.autos = [AutoDevice(seed * 1_000_003 + i, cands, inputs.head_ms,
                                  inputs.request_bytes, lk.rtt_ms, lk.up_bps, lk.down_bps)
                       for i, lk in enumerate(links)] if self.fixed is None else []
-        self.reps = [_Replica(self.profiled) for _ in range(replicas)]
+        half_life_ms = _rows_half_life_ms() if self.fixed is None else None
+        self.reps = [_Replica(self.profiled, half_life_ms) for _ in range(replicas)]
         self.photo = seeded_phases(devices, inputs.period_ms, seed)
         self.heap: list[tuple[float, int, int, object]] = [
             (p, i, _START, i) for i, p in enumerate(self.photo)]
@@ -371,7 +384,10 @@ class _Sim:
         old = r.row_ms.get(key)
         r.row_ms[key] = per_row if old is None else old + _LOAD_ALPHA * (per_row - old)
         rows = r.batch_rows.get(key)
+        if rows is not None:
+            rows = r.rows_now(key, rows, now)
         r.batch_rows[key] = n if rows is None else rows + _LOAD_ALPHA * (n - rows)
+        r.batch_at[key] = now
         r.batches += 1
         r.batched += n
         r.inflight -= n
@@ -407,6 +423,15 @@ class _Sim:
             utilisation=min(1.0, sum(r.busy_ms for r in reps) / (self.replicas * window_ms)),
             ok=self.ok, rejected_503=self.rejected, fallbacks=self.fallbacks,
             timeouts=self.timeouts, choices=dict(sorted(self.choices.items())))
+
+
+def _rows_half_life_ms() -> float | None:
+    """``cloud_server.batching.ROWS_HALF_LIFE_S`` in ms, if this service decays its mean batch
+    size (the load figures only matter to ``auto``, so only it pays for importing torch)."""
+    from cloud_server import batching
+
+    half_life_s = getattr(batching, "ROWS_HALF_LIFE_S", None)
+    return None if half_life_s is None else float(half_life_s) * 1e3
 
 
 def _quantile(sorted_xs: list[float], q: float) -> float:
