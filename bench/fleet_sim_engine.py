@@ -46,8 +46,8 @@ _LOAD_ALPHA = 0.2  # cloud_server.batching
 _SERVER_MS_ALPHA = 0.1  # cloud_server.runtime (server_ms refreshed by live traffic)
 _QUEUE_MS_ALPHA = 0.1  # cloud_server.service (the metadata's queue_ms)
 
-_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END = range(5)
-_Req = tuple[int, str, float, float]  # device, candidate, start ms, photo ms
+_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT = range(6)
+_Req = list[Any]  # [device, candidate, start ms, photo ms, still awaited by the device]
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,8 @@ class _Sim:
     def fail(self, dev: int, req: _Req, at: float, *,
              timeout: bool) -> None:
         """The service could not answer ``req``: the device finishes it locally."""
-        _, cand, _, photo = req
+        _, cand, _, photo, _ = req
+        req[4] = False
         if self.in_window(photo):
             self.fallbacks += 1
         if self.autos:
@@ -262,12 +263,10 @@ class _Sim:
         while q and len(batch) < self.inputs.batch_max:
             item = q.popleft()
             r.depth -= 1
-            req = item[1]
-            if self.now > req[2] + self.inputs.timeout_ms:  # the device gave up on it
-                r.inflight -= 1
-                self.fail(req[0], req, req[2] + self.inputs.timeout_ms, timeout=True)
-            else:
+            if item[1][4]:
                 batch.append(item)
+            else:  # the device gave up on it: past X-Request-Timeout-Ms, dropped unrun
+                r.inflight -= 1
         if not q:
             del r.queues[key]
         r.filling = None
@@ -294,7 +293,7 @@ class _Sim:
 
     def run(self) -> None:
         handlers = (self.on_start, self.on_arrive, self.on_ingested, self.on_fill,
-                    self.on_batch_end)
+                    self.on_batch_end, self.on_timeout)
         heap = self.heap
         while heap:
             self.now, _, kind, payload = heapq.heappop(heap)
@@ -318,11 +317,19 @@ class _Sim:
         if cand == DEVICE:
             self.finish(dev, self.photo[dev], now + self.inputs.head_ms[DEVICE])
         else:
-            self.push(now + self.inputs.head_ms[cand] + self.up_ms[dev][cand], _ARRIVE,
-                      (dev, cand, now, self.photo[dev]))
+            req = [dev, cand, now, self.photo[dev], True]
+            self.push(now + self.inputs.head_ms[cand] + self.up_ms[dev][cand], _ARRIVE, req)
+            self.push(now + self.inputs.timeout_ms, _TIMEOUT, req)
+
+    def on_timeout(self, req: Any) -> None:
+        """The device's deadline: if still unanswered, it finishes the photo itself."""
+        if req[4]:
+            self.fail(req[0], req, self.now, timeout=True)
 
     def on_arrive(self, req: Any) -> None:
-        dev, cand, _, photo = req
+        dev, cand, _, photo, awaited = req
+        if not awaited:  # the device gave up before it arrived
+            return
         r = self.pick_replica()
         now = self.now
         if r.depth >= self.inputs.max_queue:  # Service.admit: 503 + Retry-After
@@ -396,14 +403,14 @@ class _Sim:
         load = r.load(now, self.inputs.batch_wait_ms, self.profiled) if self.autos else None
         deadline_ms = self.inputs.timeout_ms
         for enq, req in batch:
-            dev, _, start, photo = req
+            dev, _, start, photo, awaited = req
             r.queue_ms += _QUEUE_MS_ALPHA * (r.batch_start - enq - r.queue_ms)
             r.server_ms[key] += _SERVER_MS_ALPHA * (
                 self.decode_ms[key] + per_row - r.server_ms[key])
             done = now + self.proxy_ms + self.down_ms[dev]
-            if done - start > deadline_ms:
-                self.fail(dev, req, start + deadline_ms, timeout=True)
-                continue
+            if not awaited or done - start > deadline_ms:
+                continue  # on_timeout finishes it on the device
+            req[4] = False
             if self.t0 <= done < self.t1:
                 self.answered += 1
             if load is not None:

@@ -211,3 +211,14 @@ def test_run_cli_writes_the_projection(tmp_path: Path, capsys: pytest.CaptureFix
     merged = json.loads((tmp_path / "fleet.json").read_text())
     assert "projection" in merged["simulation"]
     assert "fewest replicas" in capsys.readouterr().out
+
+
+def test_a_device_gives_up_at_its_deadline_and_finishes_locally() -> None:
+    # 500 devices on one replica want ~3x what it serves; with a 300 ms deadline every photo is
+    # answered within the deadline + the local finish (100 ms for cloud), backlog or not: the
+    # device moves on at its deadline, whatever the service still holds.
+    inputs = replace(_inputs(), timeout_ms=300.0)
+    res = simulate(inputs, CLOUD, devices=500, duration_s=5.0)
+    assert res.timeouts > 0
+    assert res.ok + res.timeouts == sum(res.choices.values())
+    assert res.p95_ms <= 300.0 + 100.0 + 1e-6
