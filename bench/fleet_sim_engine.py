@@ -395,8 +395,9 @@ class _Sim:
             rows = r.rows_now(key, rows, now)
         r.batch_rows[key] = n if rows is None else rows + _LOAD_ALPHA * (n - rows)
         r.batch_at[key] = now
-        r.batches += 1
-        r.batched += n
+        if self.t0 <= now < self.t1:  # the batches the window saw, as /metrics would
+            r.batches += 1
+            r.batched += n
         r.inflight -= n
         self.kick(r)
         self.reschedule(r)
