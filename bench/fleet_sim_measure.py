@@ -34,7 +34,7 @@ from shared.preprocess import center_crop, encode_jpeg
 __all__ = ["BATCH_SIZES", "cached_service_times", "measure_service_times"]
 
 BATCH_SIZES = (1, 2, 4, 8, 16)
-SAMPLES = 15  # forward passes per (candidate, batch size): a distribution, not just a mean
+SAMPLES = 25  # forward passes per (candidate, batch size): a distribution, not just a mean
 CACHE_NAME = "fleet_sim_service_times.json"
 
 
