@@ -120,6 +120,11 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
                "simulated_utilisation": round(sim.utilisation, 3)}
         if "mean_batch_size" in r:
             row["measured_mean_batch_size"] = r["mean_batch_size"]
+        if r.get("by_link"):
+            row["p95_ms_by_link"] = {
+                name: {"measured": v.get("p95_ms"),
+                       "simulated": sim.by_link.get(name, {}).get("p95_ms")}
+                for name, v in r["by_link"].items()}
         if r["policy"] == "auto":
             row["simulated_choices"] = sim.choices
             row["measured_choices"] = r.get("choices", {})

@@ -67,6 +67,7 @@ class SimResult:
     fallbacks: int
     timeouts: int
     choices: dict[str, int]
+    by_link: dict[str, dict[str, float]]  # link -> photos, p50_ms, p95_ms
 
     def to_json(self) -> dict[str, object]:
         return {k: (round(v, 4) if isinstance(v, float) else v)
@@ -183,6 +184,8 @@ class _Sim:
             inputs.request_bytes.get(c, 0.0) + HTTP_OVERHEAD_BYTES) for c in self.profiled}
             for lk in inputs.links.values()}
         self.up_ms = [by_link[lk.name] for lk in links]
+        self.link_of = [lk.name for lk in links]
+        self.lat_by_link: dict[str, list[float]] = {name: [] for name in inputs.link_mix}
         self.down_ms = [lk.rtt_ms / 2 + lk.down_ms(inputs.response_bytes) for lk in links]
         self.proxy_ms = inputs.proxy_ms.get(engine, 0.0)
         self.fixed = None if policy == "auto" else candidate_of(inputs, policy)
@@ -212,6 +215,7 @@ class _Sim:
         """Photo ``photo`` of ``dev`` answered at ``done``; start its next photo."""
         if self.in_window(photo):
             self.lat.append(done - photo)
+            self.lat_by_link[self.link_of[dev]].append(done - photo)
             if timeout:
                 self.timeouts += 1
             else:
@@ -430,7 +434,10 @@ class _Sim:
             mean_batch_size=sum(r.batched for r in reps) / batches if batches else 0.0,
             utilisation=min(1.0, sum(r.busy_ms for r in reps) / (self.replicas * window_ms)),
             ok=self.ok, rejected_503=self.rejected, fallbacks=self.fallbacks,
-            timeouts=self.timeouts, choices=dict(sorted(self.choices.items())))
+            timeouts=self.timeouts, choices=dict(sorted(self.choices.items())),
+            by_link={name: {"photos": len(xs), "p50_ms": round(_quantile(sorted(xs), 0.5), 2),
+                            "p95_ms": round(_quantile(sorted(xs), 0.95), 2)}
+                     for name, xs in self.lat_by_link.items() if xs})
 
 
 def _rows_half_life_ms() -> float | None:
