@@ -14,7 +14,8 @@ the service's CPU for the HTTP exchange (``bench service``'s one-client run: CPU
 compute and decode, ``fleet_sim_defaults.http_cpu_ms``), which loads the replica's core; and a
 delay that costs the service no CPU (event-loop and thread hand-offs, the emulator's own
 wake-ups, Ray Serve's proxy), fitted per engine on its single-device runs, where nothing
-queues: the median over the policies that use the service of measured p50 less simulated p50.
+queues, as a constant plus an exponential (a shared machine's jitter): medians over the
+policies that use the service of measured less simulated p50 and p95 give the two.
 
 ``validate(doc)`` simulates every measured run and reports the largest relative p95 difference;
 ``run_cli(args)`` simulates ``--devices`` devices for every policy and replica count, and per
@@ -79,20 +80,29 @@ def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: i
         cpu_ms = http_cpu_ms()
         inputs = replace(inputs, service=inputs.service.with_overhead(cpu_ms))
         fitted["http_cpu_ms"] = round(cpu_ms, 3)
-    delays = dict(inputs.proxy_ms)
+    delays, jitters = dict(inputs.proxy_ms), dict(inputs.jitter_ms)
     for engine in sorted({str(r.get("engine", "uvicorn")) for r in runs}):
         alone = [r for r in runs if r.get("engine", "uvicorn") == engine
                  and r["policy"] != DEVICE and int(r["devices"]) == 1 and _usable(r)]
         if not alone or engine in inputs.proxy_ms:
             continue
-        gap = statistics.median(float(r["p50_ms"]) - simulate(
-            inputs, r["policy"], devices=1, replicas=int(r.get("replicas", 1)), seed=seed,
-            engine=engine, duration_s=_duration_s(r)).p50_ms for r in alone)
-        delays[engine] = max(0.0, gap)
+        sims = [simulate(inputs, r["policy"], devices=1, replicas=int(r.get("replicas", 1)),
+                         seed=seed, engine=engine, duration_s=_duration_s(r)) for r in alone]
+        gap50 = statistics.median(float(r["p50_ms"]) - sim.p50_ms
+                                  for r, sim in zip(alone, sims, strict=True))
+        gap95 = statistics.median(float(r["p95_ms"]) - sim.p95_ms
+                                  for r, sim in zip(alone, sims, strict=True))
+        # delay = d + Exp(mean s): its median d + s ln 2, its p95 d + s ln 20
+        spread = max(0.0, (gap95 - gap50) / math.log(10))
+        delays[engine] = max(0.0, gap50 - spread * math.log(2))
+        jitters[engine] = spread
         fitted[f"{engine}_delay_ms"] = round(delays[engine], 3)
+        fitted[f"{engine}_jitter_mean_ms"] = round(spread, 3)
     if "uvicorn" in delays and "ray-serve" in delays:
-        fitted["ray_proxy_overhead_ms"] = round(delays["ray-serve"] - delays["uvicorn"], 3)
-    return replace(inputs, proxy_ms=delays), fitted
+        fitted["ray_proxy_overhead_ms"] = round(
+            delays["ray-serve"] + jitters.get("ray-serve", 0.0) * math.log(2)
+            - delays["uvicorn"] - jitters.get("uvicorn", 0.0) * math.log(2), 3)
+    return replace(inputs, proxy_ms=delays, jitter_ms=jitters), fitted
 
 
 def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = None
@@ -249,6 +259,7 @@ def run_cli(args: argparse.Namespace) -> int:
         "window_s": SEARCH_DURATION_S, "warmup_s": inputs.warmup_s,
         "http_cpu_ms": round(inputs.service.overhead_ms, 3),
         "delay_ms": {k: round(v, 3) for k, v in inputs.proxy_ms.items()},
+        "jitter_mean_ms": {k: round(v, 3) for k, v in inputs.jitter_ms.items()},
         "rows": rows, "replicas_needed": needed,
         "validation_p95_error": None if validation is None else
         validation["validation_p95_error"],

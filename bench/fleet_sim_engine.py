@@ -188,6 +188,7 @@ class _Sim:
         self.lat_by_link: dict[str, list[float]] = {name: [] for name in inputs.link_mix}
         self.down_ms = [lk.rtt_ms / 2 + lk.down_ms(inputs.response_bytes) for lk in links]
         self.proxy_ms = inputs.proxy_ms.get(engine, 0.0)
+        self.jitter_ms = inputs.jitter_ms.get(engine, 0.0)
         self.fixed = None if policy == "auto" else candidate_of(inputs, policy)
         self.autos = [AutoDevice(seed * 1_000_003 + i, cands, inputs.head_ms,
                                  inputs.request_bytes, lk.rtt_ms, lk.up_bps, lk.down_bps)
@@ -413,6 +414,8 @@ class _Sim:
             r.server_ms[key] += _SERVER_MS_ALPHA * (
                 self.decode_ms[key] + per_row - r.server_ms[key])
             done = now + self.proxy_ms + self.down_ms[dev]
+            if self.jitter_ms > 0:
+                done += self.rng.expovariate(1.0 / self.jitter_ms)
             if not awaited or done - start > deadline_ms:
                 continue  # on_timeout finishes it on the device
             req[4] = False

@@ -144,6 +144,9 @@ class FleetInputs:
     tail_ms: Mapping[str, float] = field(default_factory=dict)  # device time to finish locally
     # engine -> per-request delay that costs the replica no CPU (fitted: bench.fleet_sim)
     proxy_ms: Mapping[str, float] = field(default_factory=dict)
+    # engine -> mean of an exponential extra delay on top (the spread of that delay: a shared
+    # machine's scheduling jitter), fitted with it
+    jitter_ms: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.period_ms <= 0 or self.batch_max < 1 or self.batch_wait_ms < 0:
