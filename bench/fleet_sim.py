@@ -263,7 +263,9 @@ def run_cli(args: argparse.Namespace) -> int:
         "rows": rows, "replicas_needed": needed,
         "validation_p95_error": None if validation is None else
         validation["validation_p95_error"],
-        "validation": validation, "service_times": inputs.service.to_json(),
+        "validation": None if validation is None else {
+            k: v for k, v in validation.items() if k != "service_times"},
+        "service_times": inputs.service.to_json(),
         "elapsed_s": round(time.perf_counter() - started, 1),
         "command": "python -m bench fleet --simulate --devices "
                    + ",".join(map(str, devices_list)) + " --replicas "
