@@ -1,0 +1,462 @@
+"""The discrete-event loop of the fleet simulation: devices, links, and R service replicas.
+
+    result = simulate(inputs, "middle", devices=10_000, replicas=8, seed=0)
+
+Devices: each takes a photo every ``period_ms`` from a seeded phase, keeps at most one request
+in flight (a photo taken while busy waits its turn), waits its head time, then the link: RTT/2
+plus request bytes (+ HTTP headers) over the uplink, and on the way back RTT/2 plus the answer
+over the downlink. Latency counts from the photo to its answer (``bench fleet``'s measure: a
+photo that waited for its busy device waited in its latency). A request not answered within
+the device's deadline is finished on the device (a timeout), and the service drops it if it is
+still queued then (``X-Request-Timeout-Ms``).
+
+A replica is one service process on one core (``cloud_server``). Each request costs the core
+its ``request_ms`` (HTTP + decode: the event loop and ``asyncio.to_thread``, one after another)
+beside the compute thread; while both have work they share the core half and half (processor
+sharing, as the kernel shares it between the threads). ``cloud_server.batching.Batcher``'s rule
+forms the batches: one
+compute thread for every key; it takes the key whose oldest request waited longest, waits until
+that request is ``batch_wait_ms`` old or ``batch_max`` rows are queued, runs one forward pass,
+then picks again. Batches never mix keys. Past ``max_queue`` queued requests a replica answers
+503; the device then finishes locally (a split's tail, or the whole model). Requests are spread
+over replicas by power of two choices on requests in flight (Ray Serve's router).
+
+The replica keeps the figures the real service publishes (``Batcher.wait_ms`` and
+``Service.load``: EWMA compute ms per row and rows per batch per key, the batch in flight), so
+``auto`` (``bench.fleet_sim_auto``) plans with what it would be told.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from bench.fleet_sim_auto import AutoDevice
+from bench.fleet_sim_inputs import FleetInputs, candidate_of, seeded_phases
+from shared.candidates import CLOUD, DEVICE
+from shared.planner import HTTP_OVERHEAD_BYTES
+
+__all__ = ["SimResult", "simulate"]
+
+_LOAD_ALPHA = 0.2  # cloud_server.batching
+_SERVER_MS_ALPHA = 0.1  # cloud_server.runtime (server_ms refreshed by live traffic)
+_QUEUE_MS_ALPHA = 0.1  # cloud_server.service (the metadata's queue_ms)
+
+_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT = range(6)
+_Req = list[Any]  # [device, candidate, start ms, photo ms, still awaited by the device]
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """One simulated run, in the fleet benchmark's terms."""
+
+    policy: str
+    devices: int
+    replicas: int
+    p50_ms: float
+    p95_ms: float
+    throughput_rps: float  # answers from the service per second
+    mean_batch_size: float
+    utilisation: float  # busy core time / (replicas x window)
+    ok: int  # photos answered, by the service or by the device (fallbacks included)
+    rejected_503: int
+    fallbacks: int
+    timeouts: int
+    choices: dict[str, int]
+    by_link: dict[str, dict[str, float]]  # link -> photos, p50_ms, p95_ms
+
+    def to_json(self) -> dict[str, object]:
+        return {k: (round(v, 4) if isinstance(v, float) else v)
+                for k, v in self.__dict__.items()}
+
+
+class _Replica:
+    __slots__ = ("batch_at", "batch_left", "batch_rows", "batch_start", "batched", "batches",
+                 "busy_ms", "half_life_ms",
+                 "busy_until", "depth", "fill_version", "filling", "head_left", "inflight",
+                 "ingest", "key", "last_t", "queue_ms", "queues", "row_ms", "running",
+                 "server_ms", "version")
+
+    def __init__(self, server_ms: dict[str, float], half_life_ms: float | None) -> None:
+        self.half_life_ms = half_life_ms  # the mean batch size's decay once a key stops running
+        self.batch_at: dict[str, float] = {}
+        self.queues: dict[str, deque[tuple[float, _Req]]] = {}
+        self.depth = 0  # queued, not yet in a forward pass (Batcher.depth)
+        self.inflight = 0  # admitted and not answered (the router's figure)
+        # One core, shared by two streams: requests' own work (HTTP + decode, FIFO) and the
+        # compute thread's batch. Both busy: each runs at half speed (processor sharing).
+        self.ingest: deque[tuple[float, _Req]] = deque()
+        self.head_left = 0.0  # CPU ms left of the request at the head of ``ingest``
+        self.batch_left = 0.0  # CPU ms left of the batch in flight
+        self.last_t = 0.0
+        self.fill_version = 0
+        self.running: list[tuple[float, _Req]] | None = None
+        self.key = ""
+        self.batch_start = 0.0
+        self.busy_until = 0.0
+        self.filling: str | None = None
+        self.version = 0
+        self.row_ms: dict[str, float] = {}
+        self.batch_rows: dict[str, float] = {}
+        self.server_ms = dict(server_ms)
+        self.queue_ms = 0.0
+        self.busy_ms = 0.0
+        self.batches = self.batched = 0
+
+    def rate(self) -> float:
+        return 0.5 if self.ingest and self.running is not None else 1.0
+
+    def advance(self, now: float) -> None:
+        """Progress both streams to ``now`` (no completion falls inside: events mark them)."""
+        done = (now - self.last_t) * self.rate()
+        self.last_t = now
+        if self.ingest:
+            self.head_left -= done
+        if self.running is not None:
+            self.batch_left -= done
+
+    def rows_now(self, key: str, rows: float, now: float) -> float:
+        """``Batcher._rows_now``, where the service has it: decayed towards 1 since the key's
+        last batch."""
+        if self.half_life_ms is None:
+            return rows
+        idle_ms = max(0.0, now - self.batch_at.get(key, now))
+        decay: float = 0.5 ** (idle_ms / self.half_life_ms)
+        return 1.0 + (rows - 1.0) * decay
+
+    def load(self, now: float, wait_ms: float, profiled: dict[str, float]) -> dict[str, float]:
+        """``Service.load`` through ``shared.planner.load_figures``: candidate -> wait ms."""
+        shared = max(0.0, self.busy_until - now)
+        if self.depth and not self.busy_until > now:
+            shared += wait_ms
+        queued = {}
+        for key, q in self.queues.items():
+            queued[key] = len(q)
+            shared += len(q) * (self.row_ms.get(key) or profiled.get(key) or 0.0)
+        out = {}
+        for key in profiled:
+            rows = self.batch_rows.get(key)
+            extra = 0.0 if rows is None else max(
+                0.0, self.rows_now(key, rows, now) - 1 - queued.get(key, 0)) * self.row_ms[key]
+            if key != CLOUD and extra < 0.05:
+                extra = 0.0
+            out[key] = round(shared + extra, 1)
+        return out
+
+
+def simulate(inputs: FleetInputs, policy: str, *, devices: int, replicas: int = 1,
+             seed: int = 0, duration_s: float | None = None, warmup_s: float | None = None,
+             engine: str = "uvicorn") -> SimResult:
+    """Simulate ``devices`` devices running ``policy`` against ``replicas`` replicas. Photos
+    are taken for ``warmup_s`` + ``duration_s`` (defaults: the inputs'), and every one is
+    answered; statistics are over the photos taken after the warm-up, latency from the photo to
+    its answer (as ``bench fleet`` counts it)."""
+    if devices < 1 or replicas < 1:
+        raise ValueError("devices and replicas must be >= 1")
+    t0 = (inputs.warmup_s if warmup_s is None else warmup_s) * 1e3
+    t1 = t0 + (inputs.duration_s if duration_s is None else duration_s) * 1e3
+    sim = _Sim(inputs, policy, devices, replicas, seed, engine, t0, t1)
+    sim.run()
+    return sim.result()
+
+
+class _Sim:
+    """The state of one run and its event handlers; ``run()`` drains the event heap."""
+
+    def __init__(self, inputs: FleetInputs, policy: str, devices: int, replicas: int,
+                 seed: int, engine: str, t0: float, t1: float) -> None:
+        self.inputs, self.policy, self.devices, self.replicas = inputs, policy, devices, replicas
+        self.t0, self.t1 = t0, t1
+        self.rng = random.Random(seed)
+        svc = inputs.service
+        cands = inputs.candidates()
+        self.profiled = {c: svc.server_ms(c) for c in cands if c != DEVICE}
+        self.samplers = {c: svc.sampler(c, inputs.batch_max) for c in self.profiled}
+        self.request_ms = {c: svc.request_ms(c) for c in self.profiled}
+        self.decode_ms = {c: svc.decode_ms.get(c, 0.0) for c in self.profiled}
+        self.finish_ms = {c: inputs.finish_ms(c) for c in cands}
+        links = [inputs.links[inputs.link_mix[i % len(inputs.link_mix)]] for i in range(devices)]
+        by_link = {lk.name: {c: lk.rtt_ms / 2 + lk.up_ms(
+            inputs.request_bytes.get(c, 0.0) + HTTP_OVERHEAD_BYTES) for c in self.profiled}
+            for lk in inputs.links.values()}
+        self.up_ms = [by_link[lk.name] for lk in links]
+        self.link_of = [lk.name for lk in links]
+        self.lat_by_link: dict[str, list[float]] = {name: [] for name in inputs.link_mix}
+        self.down_ms = [lk.rtt_ms / 2 + lk.down_ms(inputs.response_bytes) for lk in links]
+        self.proxy_ms = inputs.proxy_ms.get(engine, 0.0)
+        self.jitter_ms = inputs.jitter_ms.get(engine, 0.0)
+        self.fixed = None if policy == "auto" else candidate_of(inputs, policy)
+        self.autos = [AutoDevice(seed * 1_000_003 + i, cands, inputs.head_ms,
+                                 inputs.request_bytes, lk.rtt_ms, lk.up_bps, lk.down_bps)
+                      for i, lk in enumerate(links)] if self.fixed is None else []
+        half_life_ms = _rows_half_life_ms() if self.fixed is None else None
+        self.reps = [_Replica(self.profiled, half_life_ms) for _ in range(replicas)]
+        self.photo = seeded_phases(devices, inputs.period_ms, seed)
+        self.heap: list[tuple[float, int, int, object]] = [
+            (p, i, _START, i) for i, p in enumerate(self.photo)]
+        heapq.heapify(self.heap)
+        self.seq = devices
+        self.now = 0.0
+        self.lat: list[float] = []
+        self.choices: dict[str, int] = {}
+        self.ok = self.rejected = self.fallbacks = self.timeouts = self.answered = 0
+
+    def push(self, t: float, kind: int, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (max(t, self.now), self.seq, kind, payload))
+
+    def in_window(self, photo: float) -> bool:
+        return self.t0 <= photo < self.t1
+
+    def finish(self, dev: int, photo: float, done: float, *, timeout: bool = False) -> None:
+        """Photo ``photo`` of ``dev`` answered at ``done``; start its next photo."""
+        if self.in_window(photo):
+            self.lat.append(done - photo)
+            self.lat_by_link[self.link_of[dev]].append(done - photo)
+            if timeout:
+                self.timeouts += 1
+            else:
+                self.ok += 1
+        self.photo[dev] += self.inputs.period_ms  # photos queue while busy; none is dropped
+        if self.photo[dev] < self.t1:
+            self.push(max(self.photo[dev], done), _START, dev)
+
+    def fail(self, dev: int, req: _Req, at: float, *,
+             timeout: bool) -> None:
+        """The service could not answer ``req``: the device finishes it locally."""
+        _, cand, _, photo, _ = req
+        req[4] = False
+        if self.in_window(photo):
+            self.fallbacks += 1
+        if self.autos:
+            self.autos[dev].fell_back()
+        self.finish(dev, photo, at + self.finish_ms[cand], timeout=timeout)
+
+    def pick_replica(self) -> _Replica:
+        if self.replicas == 1:
+            return self.reps[0]
+        a = self.reps[self.rng.randrange(self.replicas)]
+        b = self.reps[self.rng.randrange(self.replicas)]
+        return a if a.inflight <= b.inflight else b
+
+    def kick(self, r: _Replica) -> None:
+        """``Batcher._schedule``: pick the key whose oldest request waited longest, fill."""
+        if r.running is not None or r.filling is not None:
+            return
+        best, best_t = None, math.inf
+        for key, q in r.queues.items():
+            if q[0][0] < best_t:
+                best, best_t = key, q[0][0]
+        if best is None:
+            return
+        deadline = best_t + self.inputs.batch_wait_ms
+        if len(r.queues[best]) >= self.inputs.batch_max or deadline <= self.now:
+            self.start_batch(r, best)
+        else:
+            r.filling = best
+            r.fill_version += 1
+            self.push(deadline, _FILL, (r, r.fill_version))
+
+    def start_batch(self, r: _Replica, key: str) -> None:
+        """``Batcher._take`` + ``_execute``: requests past their deadline are dropped."""
+        q = r.queues[key]
+        batch: list[tuple[float, _Req]] = []
+        while q and len(batch) < self.inputs.batch_max:
+            item = q.popleft()
+            r.depth -= 1
+            if item[1][4]:
+                batch.append(item)
+            else:  # the device gave up on it: past X-Request-Timeout-Ms, dropped unrun
+                r.inflight -= 1
+        if not q:
+            del r.queues[key]
+        r.filling = None
+        if not batch:
+            self.kick(r)
+            return
+        n = len(batch)
+        samples, scale = self.samplers[key][n]
+        compute = self.rng.choice(samples) * scale
+        r.running, r.key, r.batch_start = batch, key, self.now
+        r.batch_left = compute
+        if self.t0 <= self.now < self.t1:
+            r.busy_ms += compute
+        r.busy_until = self.now + r.row_ms[key] * n if key in r.row_ms else 0.0
+
+    def reschedule(self, r: _Replica) -> None:
+        """Push the next completion of each busy stream; earlier pushes go stale."""
+        r.version += 1
+        rate = r.rate()
+        if r.ingest:
+            self.push(self.now + max(r.head_left, 0.0) / rate, _INGESTED, (r, r.version))
+        if r.running is not None:
+            self.push(self.now + max(r.batch_left, 0.0) / rate, _BATCH_END, (r, r.version))
+
+    def run(self) -> None:
+        handlers = (self.on_start, self.on_arrive, self.on_ingested, self.on_fill,
+                    self.on_batch_end, self.on_timeout)
+        heap = self.heap
+        while heap:
+            self.now, _, kind, payload = heapq.heappop(heap)
+            handlers[kind](payload)
+
+    def on_start(self, dev: Any) -> None:
+        now = self.now
+        if self.fixed is None:
+            auto = self.autos[dev]
+            if auto.needs_metadata(now):
+                r = self.pick_replica()
+                auto.metadata(now, r.server_ms, r.queue_ms,
+                              r.load(now, self.inputs.batch_wait_ms, self.profiled))
+            cand = auto.plan(now)
+            if cand == DEVICE and now < auto.refused_until and self.in_window(self.photo[dev]):
+                self.fallbacks += 1  # planned around a 503: the fleet counts it a fallback
+        else:
+            cand = self.fixed
+        if self.in_window(self.photo[dev]):
+            self.choices[cand] = self.choices.get(cand, 0) + 1
+        if cand == DEVICE:
+            self.finish(dev, self.photo[dev], now + self.inputs.head_ms[DEVICE])
+        else:
+            req = [dev, cand, now, self.photo[dev], True]
+            self.push(now + self.inputs.head_ms[cand] + self.up_ms[dev][cand], _ARRIVE, req)
+            self.push(now + self.inputs.timeout_ms, _TIMEOUT, req)
+
+    def on_timeout(self, req: Any) -> None:
+        """The device's deadline: if still unanswered, it finishes the photo itself."""
+        if req[4]:
+            self.fail(req[0], req, self.now, timeout=True)
+
+    def on_arrive(self, req: Any) -> None:
+        dev, cand, _, photo, awaited = req
+        if not awaited:  # the device gave up before it arrived
+            return
+        r = self.pick_replica()
+        now = self.now
+        if r.depth >= self.inputs.max_queue:  # Service.admit: 503 + Retry-After
+            if self.in_window(photo):
+                self.rejected += 1
+            if self.autos:
+                wait = self.inputs.batch_wait_ms
+                retry_ms = max(1000.0, wait * 10, r.load(now, wait, self.profiled)[cand])
+                self.autos[dev].refused(now + self.down_ms[dev], retry_ms)
+            self.fail(dev, req, now + self.down_ms[dev], timeout=False)
+            return
+        r.inflight += 1
+        r.advance(now)
+        cost = self.request_ms[cand]
+        if not r.ingest:
+            r.head_left = cost
+        r.ingest.append((cost, req))
+        if self.t0 <= now < self.t1:
+            r.busy_ms += cost
+        self.reschedule(r)
+
+    def on_ingested(self, payload: Any) -> None:
+        """The request at the head of the stream is read and decoded: queue it for a batch."""
+        r, version = payload
+        if version != r.version:
+            return
+        r.advance(self.now)
+        _, req = r.ingest.popleft()
+        if r.ingest:
+            r.head_left = r.ingest[0][0]
+        cand = req[1]
+        q = r.queues.get(cand)
+        if q is None:
+            q = r.queues[cand] = deque()
+        q.append((self.now, req))
+        r.depth += 1
+        if r.filling == cand and len(q) >= self.inputs.batch_max:
+            self.start_batch(r, cand)
+        else:
+            self.kick(r)
+        self.reschedule(r)
+
+    def on_fill(self, payload: Any) -> None:
+        r, version = payload
+        if version == r.fill_version and r.filling is not None and r.running is None:
+            r.advance(self.now)
+            self.start_batch(r, r.filling)
+            self.reschedule(r)
+
+    def on_batch_end(self, payload: Any) -> None:
+        r, version = payload
+        if version != r.version or r.running is None:
+            return
+        now = self.now
+        r.advance(now)
+        batch, key, n = r.running, r.key, len(r.running)
+        r.running, r.busy_until = None, 0.0
+        per_row = (now - r.batch_start) / n
+        old = r.row_ms.get(key)
+        r.row_ms[key] = per_row if old is None else old + _LOAD_ALPHA * (per_row - old)
+        rows = r.batch_rows.get(key)
+        if rows is not None:
+            rows = r.rows_now(key, rows, now)
+        r.batch_rows[key] = n if rows is None else rows + _LOAD_ALPHA * (n - rows)
+        r.batch_at[key] = now
+        if self.t0 <= now < self.t1:  # the batches the window saw, as /metrics would
+            r.batches += 1
+            r.batched += n
+        r.inflight -= n
+        self.kick(r)
+        self.reschedule(r)
+        load = r.load(now, self.inputs.batch_wait_ms, self.profiled) if self.autos else None
+        deadline_ms = self.inputs.timeout_ms
+        for enq, req in batch:
+            dev, _, start, photo, awaited = req
+            r.queue_ms += _QUEUE_MS_ALPHA * (r.batch_start - enq - r.queue_ms)
+            r.server_ms[key] += _SERVER_MS_ALPHA * (
+                self.decode_ms[key] + per_row - r.server_ms[key])
+            done = now + self.proxy_ms + self.down_ms[dev]
+            if self.jitter_ms > 0:
+                done += self.rng.expovariate(1.0 / self.jitter_ms)
+            if not awaited or done - start > deadline_ms:
+                continue  # on_timeout finishes it on the device
+            req[4] = False
+            if self.t0 <= done < self.t1:
+                self.answered += 1
+            if load is not None:
+                self.autos[dev].answered(done, load)
+            self.finish(dev, photo, done)
+
+    def result(self) -> SimResult:
+        window_ms = self.t1 - self.t0
+        lat = sorted(self.lat)
+        reps = self.reps
+        batches = sum(r.batches for r in reps)
+        return SimResult(
+            policy=self.policy, devices=self.devices, replicas=self.replicas,
+            p50_ms=_quantile(lat, 0.50), p95_ms=_quantile(lat, 0.95),
+            throughput_rps=self.answered / (window_ms / 1e3),
+            mean_batch_size=sum(r.batched for r in reps) / batches if batches else 0.0,
+            utilisation=min(1.0, sum(r.busy_ms for r in reps) / (self.replicas * window_ms)),
+            ok=self.ok, rejected_503=self.rejected, fallbacks=self.fallbacks,
+            timeouts=self.timeouts, choices=dict(sorted(self.choices.items())),
+            by_link={name: {"photos": len(xs), "p50_ms": round(_quantile(sorted(xs), 0.5), 2),
+                            "p95_ms": round(_quantile(sorted(xs), 0.95), 2)}
+                     for name, xs in self.lat_by_link.items() if xs})
+
+
+def _rows_half_life_ms() -> float | None:
+    """``cloud_server.batching.ROWS_HALF_LIFE_S`` in ms, if this service decays its mean batch
+    size (the load figures only matter to ``auto``, so only it pays for importing torch)."""
+    from cloud_server import batching
+
+    half_life_s = getattr(batching, "ROWS_HALF_LIFE_S", None)
+    return None if half_life_s is None else float(half_life_s) * 1e3
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of a sorted list; NaN if empty."""
+    if not sorted_xs:
+        return math.nan
+    pos = (len(sorted_xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
