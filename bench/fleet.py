@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import platform
 import statistics
@@ -40,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import fleet_report, report, service
+from bench import fleet_report, fleet_sim, report, service
 from bench.fleet_device import FleetInputs
 from bench.fleet_inputs import device_profile, encode_payloads
 from bench.fleet_run import RunSpec, bar, run_fleet, summarize
@@ -139,16 +138,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the simulation's p95 target (default 1000)")
 
 
-def simulation(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc["simulation"]``: ``bench.fleet_sim.validate(doc)`` once that module is merged."""
-    return {}
+def simulation(doc: dict[str, Any], cache: Path) -> dict[str, Any]:
+    """``doc["simulation"]``: every measured run simulated beside it (``bench.fleet_sim``)."""
+    return fleet_sim.validate(doc, cache_dir=cache)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.simulate:
-        sim = importlib.import_module("bench.fleet_sim")
-        code: int = sim.run_cli(args)
-        return code
+        return fleet_sim.run_cli(args)
     console = report.make_console()
     sizes = args.devices or ([1, 8] if args.quick else [1, 8, 32, 128])
     engines = args.engines or (["uvicorn"] if args.quick else ["uvicorn", "ray-serve"])
@@ -197,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 break
     doc = _document(args, runs, inputs, profile_doc, settings, layout, common, sizes, engines,
                     notes, time.perf_counter() - started)
-    doc["simulation"] = simulation(doc)
+    doc["simulation"] = simulation(doc, cache)
     paths = fleet_report.write(doc, args.out, console)
     console.print(f"measured in {time.perf_counter() - started:.0f} s; wrote "
                   + ", ".join(map(str, paths)))

@@ -153,7 +153,6 @@ def test_fleet_json_has_the_contract_s_keys(tmp_path: Path) -> None:
     inputs = FleetInputs(MODEL, PROFILE, {CLOUD: [_payload()], SPLIT: [_payload()]})
     doc = fleet._document(args, rows, inputs, profile_doc, settings, cpu_layout({0, 1}), common,
                           [1], ["uvicorn"], [], 1.0)
-    doc["simulation"] = fleet.simulation(doc)
     run_keys = {"engine", "replicas", "policy", "devices", "p50_ms", "p95_ms", "throughput_rps",
                 "mean_batch_size", "ok", "rejected_503", "fallbacks", "errors", "timeouts"}
     assert all(run_keys <= set(r) for r in doc["runs"])
@@ -167,7 +166,6 @@ def test_fleet_json_has_the_contract_s_keys(tmp_path: Path) -> None:
                                              "late": "_blocks.15"}
     assert {"batch_max", "batch_wait_ms", "threads"} <= set(doc["inputs"]["service"])
     assert doc["setup"]["device_cpu_limit"] == 0.2 and "2 cores" in doc["setup"]["notes"]
-    assert doc["simulation"] == {}
     paths = fleet_report.write(doc, tmp_path, report.make_console())
     assert [p.name for p in paths] == ["fleet.json", "fleet.md", "fleet.png"]
 
