@@ -20,6 +20,13 @@ __all__ = ["open_session"]
 # would land on the device's stderr for every session.
 _LOG_ERRORS_ONLY = 3
 
+# ONNX Runtime's graph optimizer would quantize a float32 Conv that sits between int8 layers
+# (a DequantizeLinear before it, a QuantizeLinear after) to int8 with one scale per tensor,
+# undoing an export's choice to keep it float32 (blocks.1's depthwise conv kept float32 fell
+# from 26.5 to 15.4 dB logits SQNR). Graphs without such a Conv run the same. Older versions
+# without this transformer ignore the name.
+_DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
+
 
 def open_session(path: str | os.PathLike[str], *, threads: int = 1) -> Any:
     """An ``onnxruntime.InferenceSession`` for the graph at ``path`` on the CPU.
@@ -43,7 +50,8 @@ def open_session(path: str | os.PathLike[str], *, threads: int = 1) -> Any:
     # Threads that spin while waiting burn the cores a shared board needs for other work.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=_DISABLED_OPTIMIZERS)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         raise BundleError(f"onnxruntime cannot load {os.fspath(path)}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
