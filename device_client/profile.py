@@ -9,7 +9,7 @@ its figure is a low quantile of its runs: a burst of load then costs every candi
 run that the quantile drops, instead of every run of whichever head was being measured. Each
 run's time leaves out what the kernel reports its threads spent waiting for a CPU another
 process held, so a busy neighbour does not make the device look slow (auto learns the live
-slow-down at run time); under a CPU quota a candidate costs the mean of its runs. Heads
+slow-down at run time); under a CPU quota a run costs its CPU time at the quota's speed. Heads
 are then made monotone (``monotone_heads``): a head never costs less than a head it contains,
 nor more than the whole model.
 
@@ -29,7 +29,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +45,7 @@ from shared.cpu import cgroup_quota
 from shared.errors import ConfigError
 from shared.planner import DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo
-from shared.timing import interleaved_ms, low_quantile, no_waits
+from shared.timing import cpu_clock, interleaved_ms, low_quantile, no_waits
 
 __all__ = ["FORMAT", "QUANTILE", "REPEATS", "ProfileKey", "ProfiledRuntime", "cache_dir",
            "load_or_measure", "measure", "measure_candidate"]
@@ -187,21 +186,18 @@ def _measure(runtime: ProfiledRuntime, points: Sequence[Any], *, options: Encode
         sizes[point.name] = len(runtime.encode(point, acts, "0123456789abcdef", options))
     for fn in fns.values():
         fn()  # one untimed round: first calls pay lazy allocations
-    if cgroup_quota() is None:
-        # Wall time less the caller's run-queue waits (shared.timing), at a low quantile.
+    quota = cgroup_quota()
+    if quota is None:  # wall time less the caller's run-queue waits (shared.timing)
         samples = interleaved_ms(fns, repeats=repeats)
-        ms = {name: low_quantile(runs, QUANTILE) for name, runs in samples.items()}
     else:
-        # Under a CPU quota (an emulated board, a container) the waits are the device's own
-        # budget, and the mean, not a low quantile: a short head that starts with budget left
-        # in the period runs at full speed, a low quantile keeps exactly those runs, but on the
-        # request path the head follows the photo's resize, which spent that budget (a head
-        # profiled at 3.1 ms took 12-14 ms in requests at 0.2 of a core). Over back-to-back
-        # rounds a run crosses the end of the budget in proportion to its length, so the mean
-        # is its CPU time at the quota's speed. (The CPU time itself is no measure here: a
-        # throttled process's CPU time per run swelled 2-13x on this shared VM.)
-        samples = interleaved_ms(fns, repeats=repeats, waits=no_waits)
-        ms = {name: statistics.fmean(runs) for name, runs in samples.items()}
+        # Under a CPU quota (an emulated board, a container) a run costs its CPU time at the
+        # quota's speed. Not wall time: a short head that starts with budget left in the period
+        # runs at full speed, the low quantile keeps exactly those runs, and on the request path
+        # the head follows the photo's resize, which spent that budget (a 0.6 ms head profiled
+        # at 3.1 ms took 12-14 ms in requests at 0.2 of a core).
+        samples = interleaved_ms(fns, repeats=repeats, waits=no_waits,
+                                 clock=cpu_clock(min(quota, runtime.threads)))
+    ms = {name: low_quantile(runs, QUANTILE) for name, runs in samples.items()}
     whole_ms = ms[DEVICE]
     heads = monotone_heads([ms[_head(p.name)] for p in points], whole_ms)
     costs = [DeviceCost(DEVICE, whole_ms, 0.0, 0), DeviceCost(CLOUD, 0.0, ms[CLOUD], sizes[CLOUD])]
