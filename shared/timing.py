@@ -9,8 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["cpu_clock", "interleaved_ms", "low_quantile", "median_ms", "no_waits",
-           "runqueue_waits_ms"]
+__all__ = ["cpu_clock", "interleaved_ms", "low_quantile", "median_ms", "no_waits", "runqueue_waits_ms"]
 
 Waits = Callable[[], Mapping[int, float]]
 
