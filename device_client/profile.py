@@ -8,8 +8,8 @@ Every candidate is timed in the same rounds, one run of each per round (``interl
 its figure is a low quantile of its runs: a burst of load then costs every candidate one slow
 run that the quantile drops, instead of every run of whichever head was being measured. Each
 run's time leaves out what the kernel reports its threads spent waiting for a CPU another
-process held, so a busy neighbour does not make the device look slow (auto learns the live
-slow-down at run time); under a CPU quota a run costs its CPU time at the quota's speed. Heads
+process held (unless a CPU quota applies: then that wait is the device's own budget), so a
+busy neighbour does not make the device look slow; auto learns the live slow-down at run time. Heads
 are then made monotone (``monotone_heads``): a head never costs less than a head it contains,
 nor more than the whole model.
 
@@ -45,13 +45,13 @@ from shared.cpu import cgroup_quota
 from shared.errors import ConfigError
 from shared.planner import DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo
-from shared.timing import cpu_clock, interleaved_ms, low_quantile, no_waits
+from shared.timing import interleaved_ms, low_quantile, no_waits, runqueue_waits_ms
 
 __all__ = ["FORMAT", "QUANTILE", "REPEATS", "ProfileKey", "ProfiledRuntime", "cache_dir",
            "load_or_measure", "measure", "measure_candidate"]
 
 CACHE_ENV = "SPLITSERVE_CACHE_DIR"
-FORMAT = 4  # bump when the cached JSON, or how it is measured, changes: older files are ignored
+FORMAT = 3  # bump when the cached JSON, or how it is measured, changes: older files are ignored
 QUANTILE = 0.2  # of each candidate's runs: see shared.timing.low_quantile
 # Rounds of timed runs: the 20th percentile of 10 lies between the 2nd and 3rd fastest, so two
 # slow runs of a candidate never reach its figure. ~4 s for EfficientNet-Lite0 at one thread.
@@ -186,17 +186,10 @@ def _measure(runtime: ProfiledRuntime, points: Sequence[Any], *, options: Encode
         sizes[point.name] = len(runtime.encode(point, acts, "0123456789abcdef", options))
     for fn in fns.values():
         fn()  # one untimed round: first calls pay lazy allocations
-    quota = cgroup_quota()
-    if quota is None:  # wall time less the caller's run-queue waits (shared.timing)
-        samples = interleaved_ms(fns, repeats=repeats)
-    else:
-        # Under a CPU quota (an emulated board, a container) a run costs its CPU time at the
-        # quota's speed. Not wall time: a short head that starts with budget left in the period
-        # runs at full speed, the low quantile keeps exactly those runs, and on the request path
-        # the head follows the photo's resize, which spent that budget (a 0.6 ms head profiled
-        # at 3.1 ms took 12-14 ms in requests at 0.2 of a core).
-        samples = interleaved_ms(fns, repeats=repeats, waits=no_waits,
-                                 clock=cpu_clock(min(quota, runtime.threads)))
+    # Under a CPU quota (an emulated board, a container) the waits are the device's own budget,
+    # not neighbours' load: the kernel counts throttled time as run-queue waiting, so keep it.
+    waits = runqueue_waits_ms if cgroup_quota() is None else no_waits
+    samples = interleaved_ms(fns, repeats=repeats, waits=waits)
     ms = {name: low_quantile(runs, QUANTILE) for name, runs in samples.items()}
     whole_ms = ms[DEVICE]
     heads = monotone_heads([ms[_head(p.name)] for p in points], whole_ms)

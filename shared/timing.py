@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["cpu_clock", "interleaved_ms", "low_quantile", "median_ms", "no_waits", "runqueue_waits_ms"]
+__all__ = ["interleaved_ms", "low_quantile", "median_ms", "no_waits", "runqueue_waits_ms"]
 
 Waits = Callable[[], Mapping[int, float]]
 
@@ -69,20 +69,6 @@ def runqueue_waits_ms() -> dict[int, float]:
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended in between, or a kernel without schedstats
     return waits
-
-
-def cpu_clock(cores: float) -> Callable[[], float]:
-    """For ``interleaved_ms(clock=...)``: this process's CPU seconds, all threads, at the speed
-    of ``cores`` cores. Under a CPU quota of ``cores`` (below the threads at work), a stretch of
-    back-to-back work takes about this long in wall time however the kernel's periods fall.
-
-        >>> clock = cpu_clock(0.5)
-        >>> start = clock(); _ = sum(range(100_000)); clock() - start > 0
-        True
-    """
-    if not cores > 0:
-        raise ValueError(f"cores must be > 0, got {cores}")
-    return lambda: time.process_time() / cores
 
 
 def no_waits() -> dict[int, float]:

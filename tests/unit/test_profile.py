@@ -127,23 +127,3 @@ def test_profile_json_keeps_its_keys_and_names_the_runtime(
     doc = json.loads(capsys.readouterr().out)
     assert {"model", "fingerprint", "cache", "measured_now", "costs"} <= set(doc)
     assert doc["runtime"] == "torch" and doc["precision"] == "fp32" and doc["threads"] >= 1
-
-
-def test_under_a_cpu_quota_a_run_costs_its_cpu_time_at_the_quotas_speed(
-    device_runtime: DeviceRuntime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A whole model that sleeps 200 ms uses no CPU: at full speed it costs its wall time, under a
-    # quota it costs its CPU time divided by the cores the quota allows.
-    import time
-
-    from device_client import profile as profile_module
-
-    real = device_runtime.run_full
-    monkeypatch.setattr(device_runtime, "run_full", lambda x: (time.sleep(0.2), real(x))[1])
-    monkeypatch.setattr(profile_module, "cgroup_quota", lambda: None)
-    wall = measure(device_runtime, options=EncodeOptions(), repeats=1).cost(DEVICE).head_ms
-    monkeypatch.setattr(profile_module, "cgroup_quota", lambda: 0.5)
-    quota = measure(device_runtime, options=EncodeOptions(), repeats=1).cost(DEVICE).head_ms
-    assert wall >= 200
-    assert quota < wall  # the sleep is gone, the compute is counted at half speed
-    assert quota > 0
