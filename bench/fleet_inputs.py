@@ -31,12 +31,15 @@ from rich.console import Console
 from bench.cpulimit import PERIOD_US, CpuLimit, CpuLimitUnavailable, pick_cores
 from bench.device_worker import WorkerHandle
 from bench.fleet_device import Payload
+from shared.bundle import load_bundle
 from shared.candidates import CLOUD, DEVICE
+from shared.errors import BundleError
 from shared.planner import DeviceCost, DeviceProfile
 
 __all__ = ["PROFILE_FILE", "device_profile", "encode_payloads", "profile_from_json"]
 
 PROFILE_FILE = "device_profile.json"
+RUNTIME = "onnx"  # the device CLI's default runtime (fp32, one thread), as bench latency runs it
 JPEG_QUALITY = 90  # the device's default (Device(jpeg_quality=90))
 
 
@@ -53,7 +56,8 @@ def device_profile(cache: Path, model: str, *, device_cpu: float, console: Conso
     path = cache / PROFILE_FILE
     if path.exists():
         doc = json.loads(path.read_text())
-        if doc.get("model") == model and doc.get("device_cpu") == device_cpu:
+        if (doc.get("model"), doc.get("device_cpu"), doc.get("runtime")) == (
+                model, device_cpu, RUNTIME):
             return profile_from_json(doc), doc
     with console.status(f"measuring the device profile at {device_cpu:g} of a core (~1 min)"):
         doc = asyncio.run(_measure(cache, model, device_cpu))
@@ -77,10 +81,11 @@ async def _measure(cache: Path, model: str, device_cpu: float) -> dict[str, Any]
     pin = ["taskset", "-c", str(cores[0])] if cores is not None else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "SPLITSERVE_CACHE_DIR": str(cache / "profile-cache")}
-    # The profile never talks to a service: the URL is never dialled.
+    # The profile never talks to a service: the URL is never dialled, the bundle is local.
     worker = await WorkerHandle.spawn(
         [*pin, sys.executable, "-m", "bench.device_worker", "--url", "http://127.0.0.1:9",
-         "--model", model, "--crops", "0", "--threads", "1"], env=env)
+         "--model", model, "--crops", "0", "--threads", "1", "--runtime", RUNTIME,
+         "--bundle", str(_bundle(cache, model))], env=env)
     try:
         loaded = await worker.event()
         limited = False
@@ -95,10 +100,23 @@ async def _measure(cache: Path, model: str, device_cpu: float) -> dict[str, Any]
         await worker.close()
         if limit is not None:
             limit.remove()
-    return {"model": model, "device_cpu": device_cpu, "device_cpu_limited": limited,
+    return {"model": model, "runtime": RUNTIME, "precision": prof.get("precision", "fp32"),
+            "device_cpu": device_cpu, "device_cpu_limited": limited,
             "cpu_period_us": PERIOD_US if limited else None, "warning": warning,
             "points": loaded.get("points"), "costs": prof["costs"],
             "cpu_share": prof.get("cpu_share"), "elapsed_s": prof.get("elapsed_s")}
+
+
+def _bundle(cache: Path, model: str) -> Path:
+    """The model's float32 ONNX bundle for the emulated device's profile, exported once."""
+    path = cache / "bundle"
+    try:
+        load_bundle(path, model=model)
+    except BundleError:
+        from shared.export import export_bundle  # torch: only when exporting
+
+        export_bundle(model, path)
+    return path
 
 
 def encode_payloads(cache: Path, model: str, candidates: Sequence[str]
