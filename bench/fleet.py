@@ -64,15 +64,7 @@ PERIOD_MS = 1500.0
 # cloud on a LAN go either way from one start to the next.
 PROFILE_REPEATS = 5
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"need integers >= 1, got {text!r}")
-    return values
+_INTS = cliargs.integers(at_least=1)  # --devices, --replicas
 
 
 def _names(text: str) -> list[str]:
@@ -93,7 +85,7 @@ def _links(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bench.__main__ import DEFAULT_OUT
 
-    p.add_argument("--devices", type=_ints, default=None,
+    p.add_argument("--devices", type=_INTS, default=None,
                    help="fleet sizes (default 1,8,32,128; --quick 1,8; --simulate: its own)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     p.add_argument("--quick", action="store_true",
@@ -104,12 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         + ", ".join(NAMED_SPLITS.values()) + ")")
     p.add_argument("--engines", type=_names, default=None,
                    help="uvicorn and/or ray-serve (default both; --quick: uvicorn)")
-    p.add_argument("--replicas", type=_ints, default=None,
+    p.add_argument("--replicas", type=_INTS, default=None,
                    help="Ray Serve replica counts measured (default 1,2); with --simulate, the "
                         "simulation's replica counts")
     p.add_argument("--ray-policies", type=_names, default=["cloud", DEVICE, "middle", AUTO],
                    help="policies run on Ray Serve (default cloud,device,middle,auto: 2 cores)")
-    p.add_argument("--ray-devices", type=_ints, default=None,
+    p.add_argument("--ray-devices", type=_INTS, default=None,
                    help="fleet sizes run on Ray Serve (default: the smallest and the second "
                         "largest: one replica with Ray's own processes on one core falls far "
                         "behind 128 devices, and each photo taken must be answered)")

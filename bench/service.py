@@ -86,19 +86,11 @@ RAW_SPREAD = 0.1  # raw measurements further apart than this: something else use
 
 Tail = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"need non-negative integers, got {text!r}")
-    return values
+_INTS = cliargs.integers(at_least=0)  # core numbers, client levels
 
 
 def _levels(text: str) -> list[int]:
-    levels = _ints(text)
+    levels = _INTS(text)
     if min(levels) < 1:
         raise argparse.ArgumentTypeError(f"levels must be >= 1, got {text!r}")
     return levels
@@ -144,8 +136,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="isolated (default): the service on every core but the last, the load generator on "
         "the last; shared: both anywhere",
     )
-    p.add_argument("--service-cpus", type=_ints, help="cores of the service (overrides --layout)")
-    p.add_argument("--client-cpus", type=_ints, help="cores of the load generator (overrides)")
+    p.add_argument("--service-cpus", type=_INTS, help="cores of the service (overrides --layout)")
+    p.add_argument("--client-cpus", type=_INTS, help="cores of the load generator (overrides)")
     p.add_argument(
         "--threads",
         type=cliargs.integer(at_least=1),

@@ -46,6 +46,19 @@ def integer(*, at_least: int | None = None, at_most: int | None = None) -> Calla
     return parse
 
 
+def integers(*, at_least: int | None = None) -> Callable[[str], list[int]]:
+    """Comma-separated ``int``s, at least one, each ``>= at_least`` (``"1,8,32"``)."""
+    one = integer(at_least=at_least)
+
+    def parse(text: str) -> list[int]:
+        values = [one(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return values
+
+    return parse
+
+
 def real(
     *, at_least: float | None = None, above: float | None = None, at_most: float | None = None
 ) -> Callable[[str], float]:

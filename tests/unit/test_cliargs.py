@@ -58,3 +58,11 @@ def test_usage_errors_are_one_line_including_subcommands(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("tool: error: "), err
     assert parser.parse_args(["run", "--level", "3"]).level == 3
+
+
+def test_integers_take_a_comma_list_with_a_bound() -> None:
+    parse = cliargs.integers(at_least=1)
+    assert parse("1, 8,32,") == [1, 8, 32]
+    for bad in ("", ",", "1,x", "0,4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
