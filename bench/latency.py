@@ -252,7 +252,7 @@ def _command(c: RunConfig) -> str:
 def run(args: argparse.Namespace) -> int:
     config = _config(args)
     if config.precision == "int8" and (config.runtime != "onnx" or config.bundle is None):
-        # The service's bundle is fp32 only; say so now, not after the service has started.
+        # The service this starts hands out a float32 bundle: say so now, not after it started.
         raise ConfigError("--precision int8 needs --runtime onnx and --bundle DIR "
                           "(python -m device_client export --model M --int8 --out DIR)")
     command = _command(config)
