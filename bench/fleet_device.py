@@ -1,7 +1,6 @@
 """One emulated device of ``bench fleet``: no compute, an emulated link, the real client.
 
-    link = LinkDelay.of(PROFILES["lte"])
-    client = ServiceClient(url, transport=LinkTransport(link))   # the product's client
+    client = ServiceClient(url, transport=LinkTransport(PROFILES["lte"]))   # the product's client
     device = FleetDevice(index=3, link_name="lte", policy="auto", client=client,
                          inputs=inputs, period_s=1.2, phase_s=0.4, timeout_s=10.0,
                          auto=AutoSplit(client, inputs.profile, seed=3))
@@ -52,30 +51,12 @@ from shared.planner import DeviceProfile
 __all__ = [
     "FleetDevice",
     "FleetInputs",
-    "LinkDelay",
     "LinkTransport",
     "Payload",
     "Record",
     "photo_times",
     "transmit",
 ]
-
-
-@dataclass(frozen=True)
-class LinkDelay:
-    """An emulated link: its round trip time and its rate each way."""
-
-    rtt_ms: float
-    up_bps: float
-    down_bps: float
-
-    def __post_init__(self) -> None:
-        if self.rtt_ms < 0 or self.up_bps <= 0 or self.down_bps <= 0:
-            raise ValueError(f"need rtt_ms >= 0 and rates > 0, got {self}")
-
-    @classmethod
-    def of(cls, shape: LinkShape) -> LinkDelay:
-        return cls(shape.rtt_ms, shape.uplink_bps, shape.downlink_bps)
 
 
 def transmit(now_s: float, free_at_s: float, n_bytes: int, bps: float, one_way_s: float
@@ -105,7 +86,7 @@ class LinkTransport(httpx.AsyncBaseTransport):
     and the other half once it is read. One device's directions are FIFO: a metadata refresh
     sent beside an inference queues behind it on the uplink, as on a real link."""
 
-    def __init__(self, link: LinkDelay, inner: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, link: LinkShape, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.link = link
         self.inner = inner or httpx.AsyncHTTPTransport()
         self._up_free_s = self._down_free_s = 0.0
@@ -113,10 +94,10 @@ class LinkTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread()
         line = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1"
-        one_way_s = self.link.rtt_ms / 2e3
+        one_way_s = self.link.one_way_ms / 1e3
         arrive_s, self._up_free_s = transmit(
             time.perf_counter(), self._up_free_s,
-            _head_bytes(line, request.headers) + len(body), self.link.up_bps, one_way_s)
+            _head_bytes(line, request.headers) + len(body), self.link.uplink_bps, one_way_s)
         await _sleep_until(arrive_s)
         response = await self.inner.handle_async_request(request)
         try:
@@ -126,7 +107,7 @@ class LinkTransport(httpx.AsyncBaseTransport):
         status = f"HTTP/1.1 {response.status_code} {response.reason_phrase}"
         arrive_s, self._down_free_s = transmit(
             time.perf_counter(), self._down_free_s,
-            _head_bytes(status, response.headers) + len(content), self.link.down_bps, one_way_s)
+            _head_bytes(status, response.headers) + len(content), self.link.downlink_bps, one_way_s)
         await _sleep_until(arrive_s)
         return httpx.Response(response.status_code, headers=response.headers, content=content,
                               extensions=response.extensions, request=request)

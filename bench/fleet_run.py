@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from bench.fleet_device import FleetDevice, FleetInputs, LinkDelay, LinkTransport, Record
+from bench.fleet_device import FleetDevice, FleetInputs, LinkTransport, Record
 from bench.netem import PROFILES
 from bench.service_load import histogram_mean
 from bench.stats import percentile
@@ -95,7 +95,7 @@ async def run_fleet(url: str, inputs: FleetInputs, spec: RunSpec, *, scrape_metr
         client = None
         if spec.policy != DEVICE:
             client = ServiceClient(url, timeout_s=spec.timeout_s,
-                                   transport=LinkTransport(LinkDelay.of(PROFILES[spec.link_of(i)])))
+                                   transport=LinkTransport(PROFILES[spec.link_of(i)]))
             clients.append(client)
         auto = None
         if spec.policy == AUTO:

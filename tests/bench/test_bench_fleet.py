@@ -14,7 +14,6 @@ import pytest
 from bench import fleet, fleet_report, report
 from bench.fleet_device import (
     FleetInputs,
-    LinkDelay,
     LinkTransport,
     Payload,
     Record,
@@ -23,6 +22,7 @@ from bench.fleet_device import (
 )
 from bench.fleet_inputs import encode_payloads
 from bench.fleet_run import RunSpec, bar, device_phase_s, run_fleet, summarize
+from bench.netem import LinkShape
 from bench.service_compute import cpu_layout
 from device_client.local_service import LocalService
 from shared.candidates import AUTO, CLOUD, DEVICE
@@ -58,7 +58,7 @@ def test_the_transport_waits_at_least_the_link_s_rtt_and_transfer() -> None:
         seen.append(len(request.content))
         return httpx.Response(200, content=b"x" * 1_000)
 
-    link = LinkDelay(rtt_ms=100.0, up_bps=80_000.0, down_bps=800_000.0)
+    link = LinkShape("test", uplink_bps=80_000.0, downlink_bps=800_000.0, rtt_ms=100.0)
 
     async def post() -> tuple[float, httpx.Response]:
         transport = LinkTransport(link, inner=httpx.MockTransport(answer))
