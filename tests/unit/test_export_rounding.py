@@ -98,3 +98,31 @@ def test_quantize_rounds_each_weight_once_across_graphs(tmp_path: Path) -> None:
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, path)
     return path
+
+
+def _classifier_graph(w: np.ndarray) -> onnx.ModelProto:
+    # A 1x1 conv (so the graph has int8 activations) then the classifier Gemm, as in a model.
+    conv = helper.make_node("Conv", ["input", "cw"], ["features"])
+    flat = helper.make_node("Flatten", ["features"], ["flat"])
+    gemm = helper.make_node("Gemm", ["flat", "gw", "gb"], ["logits"], transB=1)
+    graph = helper.make_graph(
+        [conv, flat, gemm], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 1, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32).reshape(4, 4, 1, 1), "cw"),
+         numpy_helper.from_array(w.astype(np.float32), "gw"),
+         numpy_helper.from_array(np.zeros(w.shape[0], np.float32), "gb")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantize_leaves_the_classifier_s_logits_float(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    model = _classifier_graph(rng.normal(size=(10, 4)))
+    xs = [rng.normal(size=(1, 4, 1, 1)).astype(np.float32) for _ in range(8)]
+    int8 = quantize(model, xs, input_name="input", workdir=tmp_path)
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    assert producer["logits"].op_type == "Gemm"  # no QuantizeLinear/DequantizeLinear after it
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)  # the rest is int8
+    got = open_session(_save(int8, tmp_path / "int8.onnx")).run(None, {"input": xs[0]})[0]
+    want = open_session(_save(model, tmp_path / "fp32.onnx")).run(None, {"input": xs[0]})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
