@@ -15,6 +15,7 @@ from cloud_server.middleware import ActivityMiddleware, AuthMiddleware, BodyLimi
 from cloud_server.routers import bundle, docs, health, infer, metrics, models
 from cloud_server.service import Loader, Service
 from cloud_server.settings import Settings, get_settings
+from cloud_server.warmup import warm_up
 from shared.schemas import OipRequest
 
 __all__ = ["create_app"]
@@ -31,6 +32,8 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        keys = [k.get_secret_value() for k in settings.api_keys]
+        await warm_up(app, api_key=keys[0] if keys else None)
         try:
             yield
         finally:

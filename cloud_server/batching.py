@@ -6,6 +6,13 @@ fill (Triton's ``max_queue_delay``, Ray Serve's ``batch_wait_timeout_s``), then 
 event loop. One compute thread, not a pool: torch already spreads one forward pass over every
 core, and two passes at once would only fight for them.
 
+The fill wait ends early when ``incoming()`` (requests whose bodies are still being read and
+decoded) is zero: only those can join the batch before the delay is over, since a request that
+arrives later still has its body and decode ahead of it. So a lone request on an idle service
+runs at once instead of waiting ``max_queue_delay_ms`` for company that cannot come; under load,
+batches form as before, from what queues while the compute thread is busy and from requests
+caught mid-decode.
+
 The queue is bounded: past ``max_queue`` waiting requests, ``submit`` raises ``OverloadedError``
 at once (the service answers 503 with ``Retry-After``) instead of letting requests time out.
 Requests whose deadline passes while queued are dropped before compute.
@@ -75,15 +82,18 @@ class _Pending:
 class Batcher:
     """Queue, batch and run requests; see the module docstring.
 
-    In a coroutine, with ``run(key, inputs)`` the batched forward pass::
+    In a coroutine, with ``run(key, inputs)`` the batched forward pass and ``incoming()`` the
+    number of requests still being decoded (see the module docstring)::
 
-        batcher = Batcher(run, max_batch_size=16, max_queue_delay_ms=2, max_queue=256)
+        batcher = Batcher(run, max_batch_size=16, max_queue_delay_ms=2, max_queue=256,
+                          incoming=lambda: decoding)
         await batcher.start()
         result = await batcher.submit(("resnet18", "layer3.0"), (activation,), timeout_s=5)
     """
 
     def __init__(self, run: RunFn, *, max_batch_size: int, max_queue_delay_ms: float,
                  max_queue: int, on_batch: BatchHook | None = None,
+                 incoming: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
             raise ValueError("batch size and queue bound must be >= 1, delay >= 0")
@@ -92,6 +102,7 @@ class Batcher:
         self._delay_s = max_queue_delay_ms / 1e3
         self._max_queue = max_queue
         self._on_batch = on_batch
+        self._incoming = incoming  # None: always wait the full delay for a batch to fill
         self._queues: dict[Hashable, deque[_Pending]] = {}
         self._depth = 0
         self._changed = asyncio.Event()
@@ -113,7 +124,8 @@ class Batcher:
         is the fallback cost of a row of a key that has not run yet (its profiled figure)."""
         now = time.perf_counter()
         shared_ms = max(0.0, self._busy_until - now) * 1e3
-        if self._task is not None and self._depth and not self._busy_until > now:
+        if self._task is not None and self._depth and not self._busy_until > now and (
+                self._incoming is None or self._incoming() > 0):
             shared_ms += self._delay_s * 1e3  # idle: the batch waits to fill
         queued: dict[Hashable, int] = {}
         for key, queue in self._queues.items():
@@ -196,6 +208,8 @@ class Batcher:
         queue = self._queues[key]
         until = queue[0].enqueued + self._delay_s
         while sum(p.rows for p in queue) < self._max_rows:
+            if self._incoming is not None and self._incoming() <= 0:
+                return  # nothing on its way could join in time
             remaining = until - time.perf_counter()
             if remaining <= 0:
                 return

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, cast
 
 import torch
@@ -37,6 +38,7 @@ class Service:
         self.runtimes: dict[str, ModelRuntime] = {}
         self.load_error: str | None = None
         self.queue_ms = 0.0
+        self.decoding = 0  # requests admitted, their bodies being read and decoded
         self._ready = threading.Event()
         self._loader = loader or (lambda name, weights: load_runtime(
             name, weights, profile_repeats=settings.profile_repeats, backend=settings.backend,
@@ -44,7 +46,8 @@ class Service:
             bundle_int8=settings.bundle_int8))
         self.batcher = Batcher(self._run, max_batch_size=settings.max_batch_size,
                                max_queue_delay_ms=settings.max_queue_delay_ms,
-                               max_queue=settings.max_queue, on_batch=self._on_batch)
+                               max_queue=settings.max_queue, on_batch=self._on_batch,
+                               incoming=lambda: self.decoding)
         self.metrics = Metrics(queue_depth=lambda: self.batcher.depth)
         self.image_budget = ImageBudget(settings.image_memory_budget_bytes)
         self.trimmer = IdleTrimmer(settings.trim_idle_s)
@@ -96,6 +99,18 @@ class Service:
         if self.batcher.depth >= self.settings.max_queue:
             raise OverloadedError(f"queue full ({self.settings.max_queue} requests waiting)",
                                   retry_after_s=self.batcher.retry_after_s())
+
+    @contextmanager
+    def incoming(self) -> Iterator[None]:
+        """``admit()``, then count the request as on its way to the batcher until the block
+        ends: wrap the body read and decode, and submit after it. The batcher waits for a batch
+        to fill only while some request is on its way (see batching.py)."""
+        self.admit()
+        self.decoding += 1
+        try:
+            yield
+        finally:
+            self.decoding -= 1
 
     async def submit(self, runtime: ModelRuntime, key: str, inputs: tuple[torch.Tensor, ...],
                      *, timeout_s: float) -> BatchResult:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import product
@@ -98,6 +98,21 @@ class KillReport:
         )
 
 
+async def _never_finishes(url: str, model: str, split: str) -> None:
+    """A split request whose body trickles and never ends: until the service dies, it counts
+    as on its way to the batcher, which therefore waits its queue delay for it."""
+    async def body() -> AsyncIterator[bytes]:
+        yield b"\x00"
+        await asyncio.sleep(30)
+
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            await client.post(f"{url}/v2/models/{model}/splits/{split}/infer", content=body(),
+                              headers={"Content-Type": wire.CONTENT_TYPE})
+    except httpx.HTTPError:
+        pass  # the service was killed under it, as intended
+
+
 def kill_and_restart(
     runtime: DeviceRuntime,
     photos: Mapping[str, Image.Image],
@@ -109,8 +124,9 @@ def kill_and_restart(
     restart_timeout_s: float = 120.0,
 ) -> KillReport:
     """``requests`` images in sequence through the real ``Device``; SIGKILL lands while request
-    ``kill_at`` is in the service's batcher (a 300 ms queue delay holds it there). Then a new
-    service starts on the same port, and the device keeps classifying until it is split again.
+    ``kill_at`` is in the service's batcher (a 300 ms queue delay holds it there, since another
+    request, whose body never finishes, is on its way to join its batch). Then a new service
+    starts on the same port, and the device keeps classifying until it is split again.
     """
     env = {**FAST_START, "SPLITSERVE_MAX_QUEUE_DELAY_MS": "300"}
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=1.0, max_cooldown_s=4.0)
@@ -126,11 +142,16 @@ def kill_and_restart(
             for i in range(requests):
                 name, image = items[i % len(items)]
                 timer = threading.Timer(0.15, service.kill) if i == kill_at else None
+                straggler = None
                 if timer is not None:
+                    straggler = asyncio.create_task(_never_finishes(service.url, runtime.name,
+                                                                    split))
+                    await asyncio.sleep(0.05)  # its handler is reading its body now
                     timer.start()
                 results.append(await device.infer(image, split=split, name=name))
-                if timer is not None:
+                if timer is not None and straggler is not None:
                     timer.join()
+                    await straggler
             restarting = time.monotonic()
             replacement = LocalService(models=[runtime.name], env=env, port=service.port)
             starting = asyncio.get_running_loop().run_in_executor(None, replacement.start)
