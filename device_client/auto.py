@@ -39,9 +39,9 @@ compute per row of its batch, the figure the service itself averages into the me
 the device keeps a service speed: that over the metadata's figure for the candidate answered
 (smoothed, within ``_SERVER_BOUNDS``), and scales every figure of the service's by it, decaying
 towards 1 as it ages (half-life ``server_half_life_s``), as the load does. ``bench fleet`` saw
-why: a service slowed 10x by its neighbours answered ``_blocks.0`` in 150 ms for 16 photos in a
-row while the plan, on the start-up figure of 10 ms and no refetch within the run, kept it over
-``device``.
+why: at N=1, on a minute when the service ran ~10x slower than its profile, auto kept
+``_blocks.0`` (~170 ms a photo) over ``device`` (130 ms) for all 16 photos of a run shorter than
+the metadata's TTL, although every answer said what the service had spent on it.
 
 A profile can be wrong about one candidate: measured while something else ran, its head may be
 10x too dear or too cheap next to the others, and one speed factor cannot fix that. So each
@@ -241,7 +241,8 @@ class AutoSplit:
         """The service speed last seen, decayed towards 1 (the metadata's figures) as it ages:
         a device that fled a slow service tries it again."""
         age_s = self._clock() - self._server_speed_at
-        return 1.0 + (self.server_speed - 1.0) * 0.5 ** (age_s / self._server_half_life_s)
+        weight: float = 0.5 ** (age_s / self._server_half_life_s)
+        return 1.0 + (self.server_speed - 1.0) * weight
 
     def _observe_server(self, split: str) -> None:
         """Fold the latest answer's cost to the service into its speed: decode + compute per
