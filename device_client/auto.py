@@ -70,7 +70,12 @@ from dataclasses import replace
 
 from device_client.client import ServiceClient
 from device_client.link import LinkEstimator, probe
-from device_client.profile_rules import CONTRADICTION_RUNS, contradicted, pin_head
+from device_client.profile_rules import (
+    CONTRADICTION_BOUNDS,
+    CONTRADICTION_RUNS,
+    contradicted,
+    pin_head,
+)
 from device_client.results import InferenceResult
 from shared.errors import ServiceUnavailableError, SplitServeError
 from shared.planner import (
@@ -93,7 +98,10 @@ _EWMA_ALPHA = 0.2  # live figures replace the profile's within ~10 inferences
 _SPEED_MIN_MS = 5.0  # a candidate this cheap on the device says little about its speed
 _SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the factor this far
 # A service on a shared core ran 10x slower than its start-up profile (bench fleet, N=1); one
-# answer moves the service speed halfway to what it saw.
+# answer moves the service speed halfway to what it saw. Within CONTRADICTION_BOUNDS (0.5-2x) of
+# the metadata's figure an answer counts as agreeing: the metadata's figures mix a start-up
+# profile with live averages and one answer scatters that much, and scaling every candidate by
+# such a ratio would only add noise (it moved near-tied LTE devices off `cloud` at N=32).
 _SERVER_BOUNDS = (0.2, 20.0)
 _SERVER_ALPHA = 0.5
 
@@ -259,6 +267,9 @@ class AutoSplit:
         low, high = _SERVER_BOUNDS
         now = self._server_speed_now()
         sample = min(max(live_ms / published_ms, low), high)
+        agree_low, agree_high = CONTRADICTION_BOUNDS
+        if agree_low <= sample <= agree_high:
+            sample = 1.0
         self.server_speed = now + _SERVER_ALPHA * (sample - now)
         self._server_speed_at = self._clock()
 

@@ -330,10 +330,12 @@ def test_a_service_slower_than_its_metadata_says_is_planned_around_then_tried_ag
             clock.now = 100.0  # ten half-lives on the device: the service is tried again
             assert (await auto.plan()).estimate(CLOUD).server_ms == pytest.approx(30.0)
             assert CLOUD in await choices(auto)
-            # An answer as fast as the metadata says leaves the figures alone.
-            compute_ms[0] = 30.0
-            await client.classify("m", b"jpeg")
-            auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))
-            assert (await auto.plan()).estimate(CLOUD).server_ms == pytest.approx(30.0, rel=0.01)
+            # Answers within 2x of the metadata's figure agree with it: the figures stay.
+            for ms in (30.0, 55.0, 16.0):
+                compute_ms[0] = ms
+                await client.classify("m", b"jpeg")
+                auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))
+                plan = await auto.plan()
+                assert plan.estimate(CLOUD).server_ms == pytest.approx(30.0, rel=0.01)
 
     asyncio.run(run())
