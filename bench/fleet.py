@@ -213,6 +213,7 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
             row = summarize(result.records, spec, engine=engine, replicas=replicas,
                             mean_batch_size=result.mean_batch_size,
                             mean_batch_source=result.mean_batch_source)
+            row["served"] = fleet_sim.served(result.records, spec, inputs)  # the sim's inputs
             console.print(fleet_report.progress(row))
             rows.append(row)
             time.sleep(0.5)  # let the service's queue and load figures settle between runs

@@ -40,11 +40,13 @@ from typing import Any
 from bench.fleet_sim_defaults import default_inputs_doc, http_cpu_ms
 from bench.fleet_sim_engine import SimResult, simulate
 from bench.fleet_sim_inputs import FleetInputs
+from bench.fleet_sim_served import device_lag, group_key, pooled, service_times, summary_json
+from bench.fleet_sim_served import run_summary as served
 from shared.candidates import DEVICE
 from shared.errors import ConfigError
 
 __all__ = ["MAX_REPLICAS", "calibrate", "load_inputs", "main", "replicas_needed", "run_cli",
-           "validate"]
+           "served", "validate"]
 
 MAX_REPLICAS = 4096
 FLOOR_GAIN = 0.02  # a doubling that improves p95 less than this: the service is not the limit
@@ -52,10 +54,21 @@ SEARCH_DURATION_S = 10.0  # measured window of each simulation of the projection
 SIMULATION_FILE = "simulation.json"
 
 
-def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None) -> FleetInputs:
-    """``doc["inputs"]`` as ``FleetInputs``; service times from the doc, else measured (cached
-    in ``cache_dir``, default ``bench/results``)."""
+PROJECTION_GROUP = "uvicorn/1"  # the single process: one replica is one core
+
+
+def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None, *,
+                group: str | None = None) -> FleetInputs:
+    """``doc["inputs"]`` as ``FleetInputs``. Service times: what the service answered in the
+    doc's own runs, pooled per engine/replicas (``bench.fleet_sim_served``; ``group``, else
+    ``PROJECTION_GROUP``, else the first group), else the doc's ``service_ms``, else measured
+    in-process (cached in ``cache_dir``, default ``bench/results``)."""
     raw = doc["inputs"]
+    groups = pooled(doc)
+    if groups:
+        key = group if group in groups else (
+            PROJECTION_GROUP if PROJECTION_GROUP in groups else next(iter(groups)))
+        return served_inputs(raw, groups[key])
     service = None
     if "service_ms" not in raw.get("service", {}):
         from bench.fleet_sim_measure import cached_service_times  # torch, onnxruntime
@@ -69,6 +82,13 @@ def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None) -> FleetI
     return FleetInputs.from_doc(raw, service=service)
 
 
+def served_inputs(raw: Mapping[str, Any], group: Mapping[str, Any]) -> FleetInputs:
+    """``raw`` (``fleet.json``'s ``inputs``) with one pooled group of the runs' answers
+    (``bench.fleet_sim_served``) as its service times and device lag."""
+    return replace(FleetInputs.from_doc(raw, service=service_times(group)),
+                   device_lag_ms=device_lag(group))
+
+
 def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: int = 0
               ) -> tuple[FleetInputs, dict[str, Any]]:
     """The two per-request costs the in-process measurement cannot see (module docstring):
@@ -76,6 +96,8 @@ def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: i
     engine, the delay outside any CPU the simulation counts, fitted on its single-device runs
     (0 without any)."""
     fitted: dict[str, Any] = {}
+    if inputs.service.in_service:  # the run's own answers hold both: nothing to fit
+        return inputs, fitted
     if inputs.service.overhead_ms == 0.0:
         cpu_ms = http_cpu_ms()
         inputs = replace(inputs, service=inputs.service.with_overhead(cpu_ms))
@@ -113,11 +135,19 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
          "runs": [{"engine", "replicas", "policy", "devices", "measured_p95_ms",
                    "simulated_p95_ms", "error"}, ...], "calibration": {...}}
     """
-    inputs = load_inputs(doc, cache_dir)
     runs = [r for r in doc.get("runs", []) if _usable(r)]
-    inputs, fitted = calibrate(inputs, runs, seed=seed)
+    groups = pooled(doc)
+    by_group = {key: served_inputs(doc["inputs"], group) for key, group in groups.items()}
+    fallback: FleetInputs | None = None
+    fitted: dict[str, Any] = {}
+    if any(_group(r) not in by_group for r in runs):  # runs without answers' timings
+        fallback, fitted = calibrate(load_inputs(
+            {"inputs": {k: v for k, v in doc["inputs"].items() if k != "served"}}, cache_dir),
+                                     [r for r in runs if _group(r) not in by_group], seed=seed)
     rows = []
     for r in runs:
+        inputs = by_group.get(_group(r)) or fallback
+        assert inputs is not None
         sim = simulate(inputs, r["policy"], devices=int(r["devices"]),
                        replicas=int(r.get("replicas", 1)), seed=seed,
                        engine=r.get("engine", "uvicorn"), duration_s=_duration_s(r))
@@ -127,7 +157,10 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
                "error": round(relative_error(sim.p95_ms, float(r["p95_ms"])), 4),
                "measured_p50_ms": float(r["p50_ms"]), "simulated_p50_ms": round(sim.p50_ms, 2),
                "simulated_mean_batch_size": round(sim.mean_batch_size, 2),
-               "simulated_utilisation": round(sim.utilisation, 3)}
+               "simulated_throughput_rps": round(sim.throughput_rps, 2),
+               "measured_throughput_rps": r.get("throughput_rps"),
+               "simulated_utilisation": round(sim.utilisation, 3),
+               "service_times": "served" if inputs.service.in_service else "in-process"}
         if "mean_batch_size" in r:
             row["measured_mean_batch_size"] = r["mean_batch_size"]
         if r.get("by_link"):
@@ -146,7 +179,8 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
                 k: worst[k] for k in ("engine", "replicas", "policy", "devices")},
             "bar": 0.15, "met": bool(errors) and max(errors) <= 0.15,
             "runs": rows, "calibration": fitted,
-            "service_times": inputs.service.to_json()}
+            "served": summary_json(groups),
+            **({"service_times": fallback.service.to_json()} if fallback is not None else {})}
 
 
 def relative_error(simulated: float, measured: float) -> float:
@@ -234,6 +268,10 @@ def run_cli(args: argparse.Namespace) -> int:
     for devices in devices_list:
         for policy in inputs.policies():
             results: dict[int, SimResult] = {}
+            if policy not in (DEVICE, "auto") and \
+                    inputs.split_points.get(policy, policy) not in inputs.service.batch_ms:
+                print(f"{policy}: no service times (the runs never sent it); skipped")
+                continue
 
             def sim(r: int, policy: str = policy, devices: int = devices,
                     results: dict[int, SimResult] = results) -> float:
@@ -305,6 +343,10 @@ def _duration_s(run: Mapping[str, Any]) -> float | None:
     """A run's own measured window (``bench fleet`` stretches small fleets' runs)."""
     value = run.get("duration_s")
     return None if value is None else float(value)
+
+
+def _group(run: Mapping[str, Any]) -> str:
+    return group_key(str(run.get("engine", "uvicorn")), int(run.get("replicas", 1)))
 
 
 def _usable(run: Mapping[str, Any]) -> bool:

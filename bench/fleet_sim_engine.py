@@ -46,8 +46,10 @@ _LOAD_ALPHA = 0.2  # cloud_server.batching
 _SERVER_MS_ALPHA = 0.1  # cloud_server.runtime (server_ms refreshed by live traffic)
 _QUEUE_MS_ALPHA = 0.1  # cloud_server.service (the metadata's queue_ms)
 
-_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT = range(6)
-_Req = list[Any]  # [device, candidate, start ms, photo ms, still awaited by the device]
+_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT, _DECODED = range(7)
+# [device, candidate, start ms, photo ms, still awaited by the device, found the replica idle]
+_Req = list[Any]
+IDLE_MS = 1000.0  # bench.fleet_sim_served.IDLE_S: a replica idle this long runs the next cold
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class SimResult:
 
 class _Replica:
     __slots__ = ("batch_at", "batch_left", "batch_rows", "batch_start", "batched", "batches",
-                 "busy_ms", "half_life_ms",
+                 "busy_ms", "half_life_ms", "idle_at", "last_batch",
                  "busy_until", "depth", "fill_version", "filling", "head_left", "inflight",
                  "ingest", "key", "last_t", "queue_ms", "queues", "row_ms", "running",
                  "server_ms", "version")
@@ -84,6 +86,8 @@ class _Replica:
     def __init__(self, server_ms: dict[str, float], half_life_ms: float | None) -> None:
         self.half_life_ms = half_life_ms  # the mean batch size's decay once a key stops running
         self.batch_at: dict[str, float] = {}
+        self.last_batch: dict[str, int] = {}
+        self.idle_at = -math.inf  # when the last request in flight was answered
         self.queues: dict[str, deque[tuple[float, _Req]]] = {}
         self.depth = 0  # queued, not yet in a forward pass (Batcher.depth)
         self.inflight = 0  # admitted and not answered (the router's figure)
@@ -178,6 +182,14 @@ class _Sim:
         self.samplers = {c: svc.sampler(c, inputs.batch_max) for c in self.profiled}
         self.request_ms = {c: svc.request_ms(c) for c in self.profiled}
         self.decode_ms = {c: svc.decode_ms.get(c, 0.0) for c in self.profiled}
+        # times the service reported in a measured run: delays, the core's sharing in them
+        self.in_service = svc.in_service
+        self.cold = svc.cold_draws
+        bmax = inputs.batch_max
+        self.decode_draws = {c: svc.by_size(svc.decode_draws.get(c), bmax, self.decode_ms[c])
+                             for c in self.profiled}
+        self.overhead_draws = {c: svc.by_size(svc.overhead_draws.get(c), bmax, 0.0)
+                               for c in self.profiled}
         self.finish_ms = {c: inputs.finish_ms(c) for c in cands}
         links = [inputs.links[inputs.link_mix[i % len(inputs.link_mix)]] for i in range(devices)]
         by_link = {lk.name: {c: lk.rtt_ms / 2 + lk.up_ms(
@@ -187,6 +199,8 @@ class _Sim:
         self.link_of = [lk.name for lk in links]
         self.lat_by_link: dict[str, list[float]] = {name: [] for name in inputs.link_mix}
         self.down_ms = [lk.rtt_ms / 2 + lk.down_ms(inputs.response_bytes) for lk in links]
+        lags = inputs.device_lag_ms
+        self.lag_ms = lags[min(lags, key=lambda n: (abs(n - devices), n))] if lags else ()
         self.proxy_ms = inputs.proxy_ms.get(engine, 0.0)
         self.jitter_ms = inputs.jitter_ms.get(engine, 0.0)
         self.fixed = None if policy == "auto" else candidate_of(inputs, policy)
@@ -228,7 +242,7 @@ class _Sim:
     def fail(self, dev: int, req: _Req, at: float, *,
              timeout: bool) -> None:
         """The service could not answer ``req``: the device finishes it locally."""
-        _, cand, _, photo, _ = req
+        _, cand, _, photo, _, _ = req
         req[4] = False
         if self.in_window(photo):
             self.fallbacks += 1
@@ -272,6 +286,8 @@ class _Sim:
                 batch.append(item)
             else:  # the device gave up on it: past X-Request-Timeout-Ms, dropped unrun
                 r.inflight -= 1
+                if not r.inflight:
+                    r.idle_at = self.now
         if not q:
             del r.queues[key]
         r.filling = None
@@ -280,6 +296,8 @@ class _Sim:
             return
         n = len(batch)
         samples, scale = self.samplers[key][n]
+        if n == 1 and batch[0][1][5] and key in self.cold:  # a lone request on an idle replica
+            samples, scale = self.cold[key], 1.0
         compute = self.rng.choice(samples) * scale
         r.running, r.key, r.batch_start = batch, key, self.now
         r.batch_left = compute
@@ -298,7 +316,7 @@ class _Sim:
 
     def run(self) -> None:
         handlers = (self.on_start, self.on_arrive, self.on_ingested, self.on_fill,
-                    self.on_batch_end, self.on_timeout)
+                    self.on_batch_end, self.on_timeout, self.on_decoded)
         heap = self.heap
         while heap:
             self.now, _, kind, payload = heapq.heappop(heap)
@@ -319,10 +337,12 @@ class _Sim:
             cand = self.fixed
         if self.in_window(self.photo[dev]):
             self.choices[cand] = self.choices.get(cand, 0) + 1
+        if self.lag_ms:  # the emulated device's timers run late
+            now += self.rng.choice(self.lag_ms)
         if cand == DEVICE:
             self.finish(dev, self.photo[dev], now + self.inputs.head_ms[DEVICE])
         else:
-            req = [dev, cand, now, self.photo[dev], True]
+            req = [dev, cand, now, self.photo[dev], True, False]
             self.push(now + self.inputs.head_ms[cand] + self.up_ms[dev][cand], _ARRIVE, req)
             self.push(now + self.inputs.timeout_ms, _TIMEOUT, req)
 
@@ -332,7 +352,7 @@ class _Sim:
             self.fail(req[0], req, self.now, timeout=True)
 
     def on_arrive(self, req: Any) -> None:
-        dev, cand, _, photo, awaited = req
+        dev, cand, _, photo, awaited, _ = req
         if not awaited:  # the device gave up before it arrived
             return
         r = self.pick_replica()
@@ -345,6 +365,13 @@ class _Sim:
                 retry_ms = max(1000.0, wait * 10, r.load(now, wait, self.profiled)[cand])
                 self.autos[dev].refused(now + self.down_ms[dev], retry_ms)
             self.fail(dev, req, now + self.down_ms[dev], timeout=False)
+            return
+        if self.in_service:  # decoded in its own thread, as long as the run's decodes took
+            # how busy the key is: its latest batch's size, or 0 for an idle replica (cold)
+            req[5] = r.inflight == 0 and now - r.idle_at >= IDLE_MS
+            last = 0 if req[5] else r.last_batch.get(cand, 1)
+            r.inflight += 1
+            self.push(now + self.rng.choice(self.decode_draws[cand][last]), _DECODED, (r, req))
             return
         r.inflight += 1
         r.advance(now)
@@ -365,6 +392,17 @@ class _Sim:
         _, req = r.ingest.popleft()
         if r.ingest:
             r.head_left = r.ingest[0][0]
+        self.enqueue(r, req)
+        self.reschedule(r)
+
+    def on_decoded(self, payload: Any) -> None:
+        """``in_service``: the request's decode is over; queue it for a batch."""
+        r, req = payload
+        r.advance(self.now)
+        self.enqueue(r, req)
+        self.reschedule(r)
+
+    def enqueue(self, r: _Replica, req: _Req) -> None:
         cand = req[1]
         q = r.queues.get(cand)
         if q is None:
@@ -375,7 +413,6 @@ class _Sim:
             self.start_batch(r, cand)
         else:
             self.kick(r)
-        self.reschedule(r)
 
     def on_fill(self, payload: Any) -> None:
         r, version = payload
@@ -400,22 +437,29 @@ class _Sim:
             rows = r.rows_now(key, rows, now)
         r.batch_rows[key] = n if rows is None else rows + _LOAD_ALPHA * (n - rows)
         r.batch_at[key] = now
+        r.last_batch[key] = n
         if self.t0 <= now < self.t1:  # the batches the window saw, as /metrics would
             r.batches += 1
             r.batched += n
         r.inflight -= n
+        if not r.inflight:
+            r.idle_at = now
         self.kick(r)
         self.reschedule(r)
         load = r.load(now, self.inputs.batch_wait_ms, self.profiled) if self.autos else None
         deadline_ms = self.inputs.timeout_ms
         for enq, req in batch:
-            dev, _, start, photo, awaited = req
+            dev, _, start, photo, awaited, cold = req
             r.queue_ms += _QUEUE_MS_ALPHA * (r.batch_start - enq - r.queue_ms)
             r.server_ms[key] += _SERVER_MS_ALPHA * (
                 self.decode_ms[key] + per_row - r.server_ms[key])
-            done = now + self.proxy_ms + self.down_ms[dev]
-            if self.jitter_ms > 0:
-                done += self.rng.expovariate(1.0 / self.jitter_ms)
+            if self.in_service:  # HTTP and hand-offs, as the run's answers took
+                size = 0 if cold and n == 1 else n
+                done = now + self.rng.choice(self.overhead_draws[key][size]) + self.down_ms[dev]
+            else:
+                done = now + self.proxy_ms + self.down_ms[dev]
+                if self.jitter_ms > 0:
+                    done += self.rng.expovariate(1.0 / self.jitter_ms)
             if not awaited or done - start > deadline_ms:
                 continue  # on_timeout finishes it on the device
             req[4] = False
