@@ -14,18 +14,26 @@ discrete-event loop. This keeps its state per simulated device and makes the sam
   AutoSplit's half-life and rounded by its ``_coarse``;
 * a 503 makes it plan ``device`` until ``Retry-After`` x (1 + 0.5 u) has passed.
 
-What differs: the link is known exactly (AutoSplit estimates it from its requests, which on an
-emulated link converges to the same figures); device speed and re-measuring are off (emulated
-heads take exactly their profiled time); the metadata fetch costs no time on the request's path.
+* the uplink is ``device_client.link.LinkEstimator``'s: the upper median of the last 5 answers'
+body bits over their network time (round trip less the service's own) less the RTT, so time
+an answer spends outside the service's timings (HTTP, a busy event loop) reads as a slower
+link, as it does for the product.
+
+What differs: the RTT is known exactly (AutoSplit probes it, which on an emulated link
+converges to the same figure); device speed and re-measuring are off (emulated heads take
+exactly their profiled time); the metadata fetch costs no time on the request's path.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 from device_client.auto import _coarse  # the product's rounding of the load view
+from device_client.link import _FLOOR_MS, _FLOOR_RTT_FRACTION, _RECENT_LARGE, MAX_BPS, SMALL_BYTES
 from shared.candidates import DEVICE
 from shared.planner import (
     HTTP_OVERHEAD_BYTES,
@@ -47,7 +55,8 @@ MIN_GAIN_MS = 1.0  # shared.planner.choose's default, as AutoSplit calls it
 class AutoDevice:
     """One simulated device's planner state. ``plan(now_ms)`` -> candidate."""
 
-    __slots__ = ("cands", "current", "fixed_ms", "hysteresis", "load", "load_at",
+    __slots__ = ("bodies", "cands", "current", "down_ms", "fixed_ms", "head_ms", "hysteresis",
+                 "load", "load_at", "rates", "rtt_ms",
                  "meta_at", "meta_load", "meta_queue_ms", "meta_server_ms", "refused_until",
                  "rng")
 
@@ -58,11 +67,12 @@ class AutoDevice:
         self.rng = random.Random(seed + 1)
         self.cands = tuple(cands)  # candidate order: device, cloud, split points
         # head + encode + rtt + transfer (shared.planner.estimate/transfer_ms): fixed per link.
-        down_ms = serialization_ms(RESPONSE_BYTES, down_bps)
-        self.fixed_ms = {c: head_ms[c] if c == DEVICE else (
-            head_ms[c] + rtt_ms + serialization_ms(
-                round(request_bytes.get(c, 0.0)) + HTTP_OVERHEAD_BYTES, up_bps) + down_ms)
-            for c in self.cands}
+        self.down_ms = serialization_ms(RESPONSE_BYTES, down_bps)
+        self.head_ms, self.rtt_ms = dict(head_ms), rtt_ms
+        self.bodies = {c: round(request_bytes.get(c, 0.0)) for c in self.cands}
+        self.rates: deque[float] = deque(maxlen=_RECENT_LARGE)  # LinkEstimator's large samples
+        self.fixed_ms: dict[str, float] = {}
+        self._cost(up_bps)
         self.current: str | None = None
         self.load: dict[str, float] = {}
         self.load_at = -math.inf
@@ -80,8 +90,22 @@ class AutoDevice:
         self.meta_server_ms = dict(server_ms)
         self.meta_queue_ms, self.meta_load, self.meta_at = queue_ms, dict(load), now_ms
 
-    def answered(self, now_ms: float, load: Mapping[str, float]) -> None:
+    def _cost(self, up_bps: float) -> None:
+        self.fixed_ms = {c: self.head_ms[c] if c == DEVICE else (
+            self.head_ms[c] + self.rtt_ms + serialization_ms(
+                self.bodies[c] + HTTP_OVERHEAD_BYTES, up_bps) + self.down_ms)
+            for c in self.cands}
+
+    def answered(self, now_ms: float, load: Mapping[str, float], body_bytes: float = 0.0,
+                 network_ms: float | None = None) -> None:
+        """An answer: the service's load, and (``network_ms``: round trip less the service's
+        own time) a sample of the link as ``LinkEstimator`` takes it."""
         self.load, self.load_at = dict(load), now_ms
+        if network_ms is not None and body_bytes > SMALL_BYTES:
+            floor_ms = max(_FLOOR_MS, _FLOOR_RTT_FRACTION * self.rtt_ms)
+            excess_ms = max(network_ms - self.rtt_ms, floor_ms)
+            self.rates.append(min(MAX_BPS, body_bytes * 8 / excess_ms * 1e3))
+            self._cost(statistics.median_high(self.rates))
 
     def refused(self, now_ms: float, retry_after_ms: float) -> None:
         stretch = 1.0 + RETRY_JITTER * self.rng.random()

@@ -455,18 +455,20 @@ class _Sim:
                 self.decode_ms[key] + per_row - r.server_ms[key])
             if self.in_service:  # HTTP and hand-offs, as the run's answers took
                 size = 0 if cold and n == 1 else n
-                done = now + self.rng.choice(self.overhead_draws[key][size]) + self.down_ms[dev]
+                extra = self.rng.choice(self.overhead_draws[key][size])
             else:
-                done = now + self.proxy_ms + self.down_ms[dev]
+                extra = self.proxy_ms
                 if self.jitter_ms > 0:
-                    done += self.rng.expovariate(1.0 / self.jitter_ms)
+                    extra += self.rng.expovariate(1.0 / self.jitter_ms)
+            done = now + extra + self.down_ms[dev]
             if not awaited or done - start > deadline_ms:
                 continue  # on_timeout finishes it on the device
             req[4] = False
             if self.t0 <= done < self.t1:
                 self.answered += 1
-            if load is not None:
-                self.autos[dev].answered(done, load)
+            if load is not None:  # what the device's link estimator sees: all but the server
+                self.autos[dev].answered(done, load, self.inputs.request_bytes.get(key, 0.0),
+                                         self.up_ms[dev][key] + extra + self.down_ms[dev])
             self.finish(dev, photo, done)
 
     def result(self) -> SimResult:

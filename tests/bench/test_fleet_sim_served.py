@@ -192,3 +192,16 @@ def test_the_real_service_s_answers_fill_the_records(live_service: LocalService,
     summary = served.run_summary(run.records, spec, inputs)
     counted = sum(h["count"] for h in summary["decode_ms"][SPLIT].values())
     assert counted == sum(spec.window[0] <= r.done_s < spec.window[1] for r in answered)
+
+
+def test_auto_reads_time_outside_the_service_as_a_slower_uplink() -> None:
+    from bench.fleet_sim_auto import AutoDevice
+
+    auto = AutoDevice(0, [DEVICE, CLOUD], HEAD_MS, {CLOUD: 20_000.0}, LAN.rtt_ms,
+                      LAN.uplink_bps, LAN.downlink_bps)
+    before = auto.fixed_ms[CLOUD]
+    for _ in range(3):  # 20 kB whose network time is 1 ms RTT + 80 ms: 2 Mbit/s, not 500
+        auto.answered(0.0, {}, 20_000.0, LAN.rtt_ms + 80.0)
+    assert auto.fixed_ms[CLOUD] - before == pytest.approx(
+        (20_000 + 350) * 8 / 2e6 * 1e3 - (20_000 + 350) * 8 / LAN.uplink_bps * 1e3, rel=1e-6)
+    assert auto.fixed_ms[DEVICE] == HEAD_MS[DEVICE]
