@@ -154,16 +154,19 @@ class _Replica:
 
 def simulate(inputs: FleetInputs, policy: str, *, devices: int, replicas: int = 1,
              seed: int = 0, duration_s: float | None = None, warmup_s: float | None = None,
-             engine: str = "uvicorn") -> SimResult:
+             engine: str = "uvicorn", draw: int = 0) -> SimResult:
     """Simulate ``devices`` devices running ``policy`` against ``replicas`` replicas. Photos
     are taken for ``warmup_s`` + ``duration_s`` (defaults: the inputs'), and every one is
     answered; statistics are over the photos taken after the warm-up, latency from the photo to
-    its answer (as ``bench fleet`` counts it)."""
+    its answer (as ``bench fleet`` counts it). ``seed`` sets the devices' phases and auto's
+    draws as ``bench fleet``'s seed does; ``draw`` > 0 draws other service times for them."""
     if devices < 1 or replicas < 1:
         raise ValueError("devices and replicas must be >= 1")
     t0 = (inputs.warmup_s if warmup_s is None else warmup_s) * 1e3
     t1 = t0 + (inputs.duration_s if duration_s is None else duration_s) * 1e3
     sim = _Sim(inputs, policy, devices, replicas, seed, engine, t0, t1)
+    if draw:
+        sim.rng = random.Random(f"{seed}/{draw}")
     sim.run()
     return sim.result()
 
