@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -205,3 +206,15 @@ def test_auto_reads_time_outside_the_service_as_a_slower_uplink() -> None:
     assert auto.fixed_ms[CLOUD] - before == pytest.approx(
         (20_000 + 350) * 8 / 2e6 * 1e3 - (20_000 + 350) * 8 / LAN.uplink_bps * 1e3, rel=1e-6)
     assert auto.fixed_ms[DEVICE] == HEAD_MS[DEVICE]
+
+
+def test_the_projection_does_not_count_a_service_that_sends_its_devices_home() -> None:
+    from bench.fleet_sim import _p95_if_served
+
+    inputs = load_inputs(_served_doc(70.0))
+    flooded = replace(inputs, max_queue=1)
+    res = simulate(flooded, "middle", devices=400, seed=0, duration_s=3.0)
+    assert res.rejected_503 > 0.01 * res.ok
+    assert _p95_if_served(res) == float("inf")
+    calm = simulate(inputs, "middle", devices=8, seed=0, duration_s=3.0)
+    assert _p95_if_served(calm) == calm.p95_ms
