@@ -5,11 +5,15 @@
 
 Fed with ``fleet.json``'s ``inputs`` (``--from``, default ``DIR/fleet.json``; without one, the
 same inputs built from ``bench/results``: ``bench.fleet_sim_defaults``) and with service times
-per (candidate, batch size): the file's ``inputs.service.service_ms``, else measured here with
-the service's backend on one core and one thread (``bench.fleet_sim_measure``, cached in DIR).
-The model is in ``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
+per (candidate, batch size): what the service answered in the file's own runs, pooled per
+engine and replica count (``runs[].served``, ``bench.fleet_sim_served``; ``validate`` gives each
+run its group's, the projection takes ``uvicorn/1``'s), else the file's
+``inputs.service.service_ms``, else measured here with the service's backend on one core and
+one thread (``bench.fleet_sim_measure``, cached in DIR). The model is in
+``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
 
-Calibration, from structure only, two per-request costs that in-process timing cannot see:
+With the runs' answers nothing is calibrated. Without them (in-process times), two per-request
+costs that in-process timing cannot see are calibrated, from structure only:
 the service's CPU for the HTTP exchange (``bench service``'s one-client run: CPU per answer less
 compute and decode, ``fleet_sim_defaults.http_cpu_ms``), which loads the replica's core; and a
 delay that costs the service no CPU (event-loop and thread hand-offs, the emulator's own
