@@ -56,8 +56,8 @@ MAX_REPLICAS = 4096
 FLOOR_GAIN = 0.02  # a doubling that improves p95 less than this: the service is not the limit
 SEARCH_DURATION_S = 10.0  # measured window of each simulation of the projection
 SIMULATION_FILE = "simulation.json"
-LIKE_PHOTOS = 1500  # validate: seeds per run until their photos add up to this many
-MAX_REPEATS = 9
+LIKE_PHOTOS = 4500  # validate: seeds per run until their photos add up to this many
+MIN_REPEATS, MAX_REPEATS = 3, 9  # a saturated run's p95 hangs on its few longest batches
 MAX_REFUSED = 0.01  # the projection: a replica count that refuses more photos does not serve
 
 
@@ -202,7 +202,8 @@ def _like(inputs: FleetInputs, run: Mapping[str, Any], seed: int) -> SimResult:
     16 photos is one or two photos: one draw would compare one noisy sample with another)."""
     photos = int(run.get("photos") or 0) or int(run["devices"]) * (
         (_duration_s(run) or inputs.duration_s) * 1e3 / inputs.period_ms)
-    repeats = max(1, min(MAX_REPEATS, math.ceil(LIKE_PHOTOS / max(photos, 1))))
+    repeats = max(MIN_REPEATS, min(MAX_REPEATS, math.ceil(LIKE_PHOTOS / max(photos, 1))))
+    repeats += 1 - repeats % 2  # odd: the median is one of them
     sims = sorted((simulate(inputs, run["policy"], devices=int(run["devices"]),
                             replicas=int(run.get("replicas", 1)), seed=seed, draw=k,
                             engine=run.get("engine", "uvicorn"), duration_s=_duration_s(run))
