@@ -326,6 +326,8 @@ def run_cli(args: argparse.Namespace) -> int:
         "devices": devices_list, "replicas": replica_list, "target_p95_ms": target_ms,
         "seed": seed, "inputs_from": origin, "period_ms": inputs.period_ms,
         "window_s": SEARCH_DURATION_S, "warmup_s": inputs.warmup_s,
+        "service_times_from": "the runs' answers (bench.fleet_sim_served)"
+        if inputs.service.in_service else "measured in-process (bench.fleet_sim_measure)",
         "http_cpu_ms": round(inputs.service.overhead_ms, 3),
         "delay_ms": {k: round(v, 3) for k, v in inputs.proxy_ms.items()},
         "jitter_mean_ms": {k: round(v, 3) for k, v in inputs.jitter_ms.items()},
