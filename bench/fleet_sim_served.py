@@ -1,7 +1,7 @@
 """The service times a measured fleet run saw, from the service's own answers: the simulation's
 inputs when ``fleet.json`` has them.
 
-    row["served"] = run_summary(result.records, spec)   # bench fleet, once per measured run
+    row["served"] = run_summary(result.records, spec, inputs)   # bench fleet, once per run
     groups = pooled(doc)                                 # {"uvicorn/1": summary, ...}
     times = service_times(groups["uvicorn/1"])           # what bench.fleet_sim simulates with
 
@@ -18,9 +18,11 @@ exactly):
   down): HTTP parsing and answering, the event loop's backlog, thread hand-offs, a proxy;
 * ``queue_ms[candidate][batch size]``: kept to compare with the simulation's, never fed to it;
 * batch size ``0`` stands for a request that found the service idle for ``IDLE_S`` or more
-  (nothing else in flight): the service gives its heap back after 1 s idle
-  (``cloud_server.memory.IdleTrimmer``) and such a request pays to fault it in again, in all
-  three of its times (a single device's runs are all of them; 8 devices and more, none);
+  (nothing else in flight): such a request is slower in all three of its times (measured:
+  overhead 14-22 ms against 8-9, decode and compute up to twice), likely because the service
+  gives its heap back after 1 s idle (``cloud_server.memory.IdleTrimmer``) and faults it in
+  again, and idle cores' caches are cold (a single device's runs are all of them; from 8
+  devices up, none);
 * ``device_lag_ms[fleet size]``: the emulated device's own lateness per photo, over every
   photo: how late it started (after the photo, or after its previous answer when busy) plus how
   far its head's wait overran the profiled head time (asyncio timers on one core shared by N
