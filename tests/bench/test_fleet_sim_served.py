@@ -218,3 +218,20 @@ def test_the_projection_does_not_count_a_service_that_sends_its_devices_home() -
     assert _p95_if_served(res) == float("inf")
     calm = simulate(inputs, "middle", devices=8, seed=0, duration_s=3.0)
     assert _p95_if_served(calm) == calm.p95_ms
+
+
+def test_the_projection_runs_on_served_inputs(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    from bench.fleet_sim import run_cli
+
+    (tmp_path / "fleet.json").write_text(json.dumps(_served_doc(70.0)))
+    args = argparse.Namespace(devices=[200], replicas=[1, 2], out=tmp_path, from_=None,
+                              target_p95_ms=500.0, seed=0, simulate=True)
+    assert run_cli(args) == 0
+    sim = json.loads((tmp_path / "simulation.json").read_text())
+    assert sim["service_times_from"].startswith("the runs' answers")
+    assert set(sim["replicas_needed"]) == {DEVICE, "middle", "auto"}  # no times for cloud
+    assert sim["replicas_needed"]["middle"]["replicas"] >= 1
+    assert not (tmp_path / "fleet_sim_service_times.json").exists()  # nothing measured
