@@ -1,7 +1,7 @@
 """A fleet of emulated devices against the real service: p50/p95, throughput, batching, 503s.
 
     python -m bench fleet --devices 1,8,32,128 --out DIR          # ~15 min, both engines
-    python -m bench fleet --quick --out /tmp/fleet                # ~2 min, uvicorn only
+    python -m bench fleet --quick --out /tmp/fleet                # ~3 min, uvicorn only
     python -m bench fleet --simulate --devices 10000 --replicas 1,2,4 --out DIR
 
 N emulated devices (one asyncio process, on its own core) against the real service
@@ -14,6 +14,14 @@ encoded beforehand with the product's codec; its link's RTT and transfer time ar
 in the device (an httpx transport around the real loopback one), not in a proxy. That is what
 fits 128 devices beside the service on 2 cores: what is measured is the service, which is real.
 Each device takes a photo every ``--period-ms`` (seeded phase), one request in flight at most.
+
+The machine is shared and its speed moves 2-3x from one minute to the next, so the policies of
+one fleet size are measured side by side (``bench.fleet_rounds``): ``--rounds`` rounds, each
+policy one window of ``--duration / --rounds`` seconds per round in a rotating order, its
+devices (clients, ``auto``'s state) kept across its windows, its warm-up before its first
+window only, and its windows pooled into one row. A small fleet's window stretches until it
+holds ``--min-photos`` photos (at most 2x ``--duration``), then its photo period shrinks
+(N=1: 40 photos in 20 s, one every 0.5 s; the row's ``period_ms`` says).
 
 Policies: ``cloud``, ``device``, three fixed split points (early, middle, late) and ``auto``,
 the product's planner with its live estimation (``device_client.auto.AutoSplit``) fed the
@@ -42,7 +50,8 @@ from typing import Any
 from bench import fleet_report, fleet_sim, report, service
 from bench.fleet_device import FleetInputs
 from bench.fleet_inputs import device_profile, encode_payloads
-from bench.fleet_run import RunSpec, bar, run_fleet, summarize
+from bench.fleet_rounds import size_window
+from bench.fleet_run import RunSpec, bar, run_rounds, summarize
 from bench.netem import PROFILES
 from bench.service_compute import CpuLayout, cpu_layout
 from shared import cliargs
@@ -89,7 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fleet sizes (default 1,8,32,128; --quick 1,8; --simulate: its own)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     p.add_argument("--quick", action="store_true",
-                   help="2 s warm-up + 4 s per run, sizes 1,8, uvicorn only (~2 min)")
+                   help="2 s warm-up + 4 s per policy in 2 rounds, sizes 1,8, uvicorn only "
+                        "(~3 min)")
     p.add_argument("--policies", type=_names, default=list(DEFAULT_POLICIES),
                    help="cloud, device, early, middle, late, auto or split point names "
                         "(default: all six; early/middle/late = "
@@ -108,12 +118,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period-ms", type=cliargs.real(above=0), default=PERIOD_MS,
                    help=f"each device takes a photo every this many ms (default {PERIOD_MS:g})")
     p.add_argument("--warmup", type=cliargs.real(above=0), default=None,
-                   help="seconds of each run not measured (default 4; --quick 2)")
+                   help="seconds of each policy not measured, before its first window "
+                        "(default 4; --quick 2)")
     p.add_argument("--duration", type=cliargs.real(above=0), default=None,
-                   help="seconds measured per run (default 10; --quick 4)")
-    p.add_argument("--min-photos", type=cliargs.integer(at_least=1), default=16,
-                   help="a run lasts long enough for this many photos in its window (default "
-                        "16: at N=1, 24 s instead of --duration)")
+                   help="seconds measured per policy and fleet size, over its rounds "
+                        "(default 10; --quick 4)")
+    p.add_argument("--rounds", type=cliargs.integer(at_least=1), default=None,
+                   help="the policies of one fleet size take turns in this many rounds, one "
+                        "window each per round (default 4; --quick 2)")
+    p.add_argument("--min-photos", type=cliargs.integer(at_least=1), default=None,
+                   help="photos per policy and fleet size at least: a small fleet's window "
+                        "stretches (up to 2x --duration), then its photo period shrinks "
+                        "(default 40: at N=1, 20 s at one photo every 0.5 s; --quick 10)")
     p.add_argument("--timeout", type=cliargs.real(above=0), default=10.0,
                    help="a device's deadline per request, seconds (default 10)")
     p.add_argument("--link-mix", type=_links, default=list(LINK_MIX),
@@ -146,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--engines takes uvicorn and ray-serve, got {', '.join(bad)}")
     warmup = args.warmup or (2.0 if args.quick else 4.0)
     duration = args.duration or (4.0 if args.quick else 10.0)
+    rounds = args.rounds or (2 if args.quick else 4)
+    min_photos = args.min_photos or (10 if args.quick else 40)
     policies = [NAMED_SPLITS.get(p, p) for p in args.policies]
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "fleet-cache"
@@ -164,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(layout)
     common = {"link_mix": tuple(args.link_mix), "period_s": args.period_ms / 1e3,
               "warmup_s": warmup, "duration_s": duration, "timeout_s": args.timeout,
-              "seed": args.seed, "min_photos": 4 if args.quick else args.min_photos}
+              "seed": args.seed, "rounds": rounds, "min_photos": min_photos}
     runs: list[dict[str, Any]] = []
     notes = []
     if "uvicorn" in engines:
@@ -201,22 +219,32 @@ def _settings(layout: CpuLayout) -> dict[str, Any]:
 
 def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: int,
           policies: list[str], sizes: list[int], common: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every policy at every size: one size at a time, its policies side by side in rounds."""
     rows = []
     common = dict(common)
     min_photos = common.pop("min_photos")
     for n in sizes:
-        # Enough photos for a p95 at small N: 1 device at one photo per 1.5 s needs 24 s.
-        duration_s = max(common["duration_s"], min_photos * common["period_s"] / n)
-        for policy in policies:
-            spec = RunSpec(policy=policy, devices=n, **{**common, "duration_s": duration_s})
-            result = asyncio.run(run_fleet(url, inputs, spec))
+        period_s, duration_s = size_window(n, period_s=common["period_s"],
+                                           duration_s=common["duration_s"],
+                                           min_photos=min_photos)
+        specs = [RunSpec(policy=policy, devices=n, **{**common, "period_s": period_s,
+                                                      "duration_s": duration_s})
+                 for policy in policies]
+        with console.status(f"{engine}x{replicas} N={n}") as status:
+            def shown(spec: RunSpec, r: int, n: int = n) -> None:
+                status.update(f"{engine}x{replicas} N={n}: round {r + 1} of {spec.rounds}, "
+                              f"{spec.policy}")
+
+            results = asyncio.run(run_rounds(url, inputs, specs, on_window=shown))
+        for spec, result in zip(specs, results, strict=True):
             row = summarize(result.records, spec, engine=engine, replicas=replicas,
                             mean_batch_size=result.mean_batch_size,
-                            mean_batch_source=result.mean_batch_source)
-            row["served"] = fleet_sim.served(result.records, spec, inputs)  # the sim's inputs
+                            mean_batch_source=result.mean_batch_source,
+                            windows=result.windows)
+            row["served"] = fleet_sim.served(result.records, spec, inputs,  # the sim's inputs
+                                              windows=result.windows)
             console.print(fleet_report.progress(row))
             rows.append(row)
-            time.sleep(0.5)  # let the service's queue and load figures settle between runs
     return rows
 
 
@@ -277,6 +305,7 @@ def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: Flee
             "model": MODEL,
             "period_ms": common["period_s"] * 1e3,
             "duration_s": common["duration_s"],  # each run's own is its row's duration_s
+            "rounds": common["rounds"],
             "min_photos": common["min_photos"],
             "warmup_s": common["warmup_s"],
             "timeout_s": common["timeout_s"],
@@ -316,10 +345,11 @@ def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: Flee
                 "the service on the other). What is measured is the service, which is real. "
                 f"Link mix {', '.join(common['link_mix'])} (device i on link_mix[i % "
                 f"{len(common['link_mix'])}]). A photo every {common['period_s'] * 1e3:g} ms "
-                "per device: 128 devices offer ~85 requests/s, over what the one-core service "
-                "serves of whole models (~50/s) and under what it serves of middle tails on a "
-                "quiet machine (107-150/s; see the middle split's batch size at 128 for what "
-                "this run's machine allowed).", *notes]),
+                "per device (less in a fleet too small for the photos a p95 needs: see the "
+                "rows' period_ms): 128 devices offer ~85 requests/s, over what the one-core "
+                "service serves of whole models (~50/s) and under what it serves of middle "
+                "tails on a quiet machine (107-150/s; see the middle split's batch size at 128 "
+                "for what this run's machine allowed).", *notes]),
         },
     }
 
@@ -332,5 +362,7 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--devices " + ",".join(map(str, args.devices)))
     if args.engines:
         parts.append("--engines " + ",".join(args.engines))
+    if getattr(args, "rounds", None):
+        parts.append(f"--rounds {args.rounds}")
     parts.append(f"--out {args.out}")
     return " ".join(parts)

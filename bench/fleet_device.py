@@ -220,13 +220,16 @@ class FleetDevice:
     auto: AutoSplit | None = None
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     records: list[Record] = field(default_factory=list)
+    taken: int = 0  # photos taken so far, over every window: the next one's sample photo
 
     async def run(self, origin_s: float, end_s: float) -> list[Record]:
         """Take photos from ``origin_s`` (perf_counter) until ``end_s`` seconds after it; every
-        photo taken is answered before this returns."""
-        for k, at_s in enumerate(photo_times(self.period_s, self.phase_s, 0.0, end_s)):
+        photo taken is answered before this returns. Called again (the next round's window),
+        the device goes on from where it was: its photos, breaker and ``auto`` carry over."""
+        for at_s in photo_times(self.period_s, self.phase_s, 0.0, end_s):
             await _sleep_until(origin_s + at_s)
             start_s = time.perf_counter() - origin_s
+            k, self.taken = self.taken, self.taken + 1
             record = await self._photo(k, at_s, start_s, origin_s)
             self.records.append(record)
         return self.records

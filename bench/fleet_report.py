@@ -86,6 +86,21 @@ def _bar_lines(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _schedule(inputs: Mapping[str, Any]) -> str:
+    rounds = inputs.get("rounds", 1)
+    text = (f"{inputs['warmup_s']:g} s warm-up, then {inputs['duration_s']:g} s measured per "
+            "policy and fleet size")
+    if rounds > 1:
+        text += (f", in {rounds} rounds: the policies of one fleet size take turns, one window "
+                 "each per round in a rotating order, so that the shared machine's slow minutes "
+                 "fall on all of them; a policy's devices and auto's state carry over between "
+                 "its windows, and its warm-up comes before its first only")
+    if "min_photos" in inputs:
+        text += (f"; a small fleet's window stretches for {inputs['min_photos']} photos (at most "
+                 "2x), then its photo period shrinks (the rows' period_ms)")
+    return text + ". "
+
+
 def markdown(doc: Mapping[str, Any]) -> str:
     inputs, setup = doc["inputs"], doc["setup"]
     links = ", ".join(
@@ -98,8 +113,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"{', '.join(inputs['link_mix'])}: {links}. Each device takes a photo every "
         f"{inputs['period_ms']:g} ms (seeded phase), at most one request in flight; latency is "
         "photo taken -> answer, the wait for a busy device included. "
-        f"{inputs['warmup_s']:g} s warm-up, then {inputs['duration_s']:g} s measured per run. "
-        f"Split points: " + ", ".join(f"{k} `{v}`" for k, v in inputs["split_points"].items())
+        + _schedule(inputs) +
+        "Split points: " + ", ".join(f"{k} `{v}`" for k, v in inputs["split_points"].items())
         + f". Service: onnxruntime, {inputs['service']['threads']} thread, batch up to "
         f"{inputs['service']['batch_max']}, on cpu {setup['cpus']['service_cpus']}; devices on "
         f"cpu {setup['cpus']['client_cpus']}.", "",

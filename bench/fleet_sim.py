@@ -200,6 +200,8 @@ def _like(inputs: FleetInputs, run: Mapping[str, Any], seed: int) -> SimResult:
     """``run`` simulated over its own window and phases: the median p95 of enough draws of the
     service times that their photos add up to ``LIKE_PHOTOS`` (a single device's p95 over its
     16 photos is one or two photos: one draw would compare one noisy sample with another)."""
+    if run.get("period_ms"):  # bench fleet shortens a small fleet's photo period
+        inputs = replace(inputs, period_ms=float(run["period_ms"]))
     photos = int(run.get("photos") or 0) or int(run["devices"]) * (
         (_duration_s(run) or inputs.duration_s) * 1e3 / inputs.period_ms)
     repeats = max(MIN_REPEATS, min(MAX_REPEATS, math.ceil(LIKE_PHOTOS / max(photos, 1))))

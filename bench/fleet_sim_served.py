@@ -1,7 +1,7 @@
 """The service times a measured fleet run saw, from the service's own answers: the simulation's
 inputs when ``fleet.json`` has them.
 
-    row["served"] = run_summary(result.records, spec, inputs)   # bench fleet, once per run
+    row["served"] = run_summary(result.records, spec, inputs, windows=result.windows)
     groups = pooled(doc)                                 # {"uvicorn/1": summary, ...}
     times = service_times(groups["uvicorn/1"])           # what bench.fleet_sim simulates with
 
@@ -39,7 +39,7 @@ count over all of a document's runs, never per run, and no end-to-end latency en
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bench.fleet_sim_inputs import ServiceTimes
@@ -97,11 +97,13 @@ def link_ms(link: LinkShape, request_bytes: float) -> float:
     return link.rtt_ms + up_ms + down_ms
 
 
-def run_summary(records: Iterable[Any], spec: Any, inputs: Any) -> dict[str, Any]:
-    """One run's answers (``Record``s with the service's timings) in its measuring window
-    (``spec.window``, by arrival), as histograms (module docstring); ``inputs`` (the run's
+def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
+                windows: Sequence[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """One run's answers (``Record``s with the service's timings) in its measuring ``windows``
+    (a policy's rounds pooled on one time line, ``FleetRun.windows``; default ``spec.window``),
+    by arrival, as histograms (module docstring); ``inputs`` (the run's
     ``bench.fleet_device.FleetInputs``) gives the profiled head times."""
-    start, end = spec.window
+    windows = tuple(windows or (spec.window,))
     records = list(records)
     compute: dict[str, dict[str, Hist]] = {}
     decode: dict[str, dict[str, Hist]] = {}
@@ -110,7 +112,7 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any) -> dict[str, Any
     batches: set[tuple[str, int, float]] = set()
     cold = _cold(records, inputs)
     for i, r in enumerate(records):
-        if not r.served or r.compute_ms is None or not start <= r.done_s < end:
+        if not r.served or r.compute_ms is None or not _within(r.done_s, windows):
             continue
         cand, n = r.candidate, 0 if i in cold else int(r.batch_size or 1)
         # every request of a batch reports the batch's compute: count the batch once
@@ -124,7 +126,7 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any) -> dict[str, Any
             extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
             _add(overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
     return {"compute_ms": compute, "decode_ms": decode, "overhead_ms": overhead,
-            "queue_ms": queue, "device_lag_ms": {str(spec.devices): _lag(records, spec, inputs)}}
+            "queue_ms": queue, "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)}}
 
 
 def _cold(records: list[Any], inputs: Any) -> set[int]:
@@ -147,9 +149,12 @@ def _cold(records: list[Any], inputs: Any) -> set[int]:
     return out
 
 
-def _lag(records: list[Any], spec: Any, inputs: Any) -> Hist:
-    """``device_lag_ms`` (module docstring) over the photos taken in the window."""
-    start, end = spec.window
+def _within(t: float, windows: Sequence[tuple[float, float]]) -> bool:
+    return any(start <= t < end for start, end in windows)
+
+
+def _lag(records: list[Any], windows: Sequence[tuple[float, float]], inputs: Any) -> Hist:
+    """``device_lag_ms`` (module docstring) over the photos taken in the windows."""
     hist = _new()
     by_device: dict[int, list[Any]] = {}
     for r in records:
@@ -160,7 +165,7 @@ def _lag(records: list[Any], spec: Any, inputs: Any) -> Hist:
         for r in mine:
             due_s = max(r.photo_s, free_s)
             free_s = r.done_s
-            if not start <= r.photo_s < end:
+            if not _within(r.photo_s, windows):
                 continue
             lag_ms = (r.start_s - due_s) * 1e3
             if r.sent_s is not None:  # the head's wait overran

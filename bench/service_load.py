@@ -48,6 +48,7 @@ __all__ = [
     "LoadFrame",
     "Sample",
     "classify",
+    "histogram_delta",
     "histogram_mean",
     "process_cpu_s",
     "run_level",
@@ -258,6 +259,14 @@ def summarize(
 def histogram_mean(before: str, after: str, name: str, labels: Mapping[str, str]) -> float | None:
     """Mean of the observations a Prometheus histogram got between two scrapes of /metrics
     (``_sum`` and ``_count`` deltas of the series matching ``labels``); None if it got none."""
+    total, count = histogram_delta(before, after, name, labels)
+    return total / count if count > 0 else None
+
+
+def histogram_delta(before: str, after: str, name: str, labels: Mapping[str, str]
+                    ) -> tuple[float, float]:
+    """``(sum, count)`` a Prometheus histogram gained between two scrapes of /metrics, over the
+    series matching ``labels``: deltas of several windows add up to their pooled mean."""
 
     def totals(text: str) -> tuple[float, float]:
         got = {f"{name}_sum": 0.0, f"{name}_count": 0.0}
@@ -271,8 +280,7 @@ def histogram_mean(before: str, after: str, name: str, labels: Mapping[str, str]
 
     sum_before, count_before = totals(before)
     sum_after, count_after = totals(after)
-    count = count_after - count_before
-    return (sum_after - sum_before) / count if count > 0 else None
+    return sum_after - sum_before, count_after - count_before
 
 
 @dataclass

@@ -32,6 +32,17 @@ happens with a probability that grows with the gain, drawn per plan. A 503 with
 stretched by a random fraction up to ``retry_jitter`` so that a fleet refused together does not
 come back together.
 
+The service's costs drift too: its core may be shared, and the metadata's figures mix the
+start-up profile (a candidate nobody has sent) with live averages (one that is sent), refreshed
+every ``metadata_ttl_s``. Every answer reports what the request cost the service (decode +
+compute per row of its batch, the figure the service itself averages into the metadata), so
+the device keeps a service speed: that over the metadata's figure for the candidate answered
+(smoothed, within ``_SERVER_BOUNDS``), and scales every figure of the service's by it, decaying
+towards 1 as it ages (half-life ``server_half_life_s``), as the load does. ``bench fleet`` saw
+why: at N=1, on a minute when the service ran ~10x slower than its profile, auto kept
+``_blocks.0`` (~170 ms a photo) over ``device`` (130 ms) for all 16 photos of a run shorter than
+the metadata's TTL, although every answer said what the service had spent on it.
+
 A profile can be wrong about one candidate: measured while something else ran, its head may be
 10x too dear or too cheap next to the others, and one speed factor cannot fix that. So each
 candidate's live device time is compared with what the plan predicted for it (profile x speed);
@@ -59,7 +70,12 @@ from dataclasses import replace
 
 from device_client.client import ServiceClient
 from device_client.link import LinkEstimator, probe
-from device_client.profile_rules import CONTRADICTION_RUNS, contradicted, pin_head
+from device_client.profile_rules import (
+    CONTRADICTION_BOUNDS,
+    CONTRADICTION_RUNS,
+    contradicted,
+    pin_head,
+)
 from device_client.results import InferenceResult
 from shared.errors import ServiceUnavailableError, SplitServeError
 from shared.planner import (
@@ -81,6 +97,13 @@ __all__ = ["AutoSplit"]
 _EWMA_ALPHA = 0.2  # live figures replace the profile's within ~10 inferences
 _SPEED_MIN_MS = 5.0  # a candidate this cheap on the device says little about its speed
 _SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the factor this far
+# A service on a shared core ran 10x slower than its start-up profile (bench fleet, N=1); one
+# answer moves the service speed halfway to what it saw. Within CONTRADICTION_BOUNDS (0.5-2x) of
+# the metadata's figure an answer counts as agreeing: the metadata's figures mix a start-up
+# profile with live averages and one answer scatters that much, and scaling every candidate by
+# such a ratio would only add noise (it moved near-tied LTE devices off `cloud` at N=32).
+_SERVER_BOUNDS = (0.2, 20.0)
+_SERVER_ALPHA = 0.5
 
 Remeasure = Callable[[str], DeviceCost]  # a candidate -> its cost measured again, now
 
@@ -99,6 +122,7 @@ class AutoSplit:
                  metadata_ttl_s: float = 30.0, timeout_s: float = 5.0, reprobe_s: float = 300.0,
                  remeasure: Remeasure | None = None, seed: int | None = None,
                  load_half_life_s: float = 2.0, retry_jitter: float = 0.5,
+                 server_half_life_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.profile = profile
@@ -109,11 +133,14 @@ class AutoSplit:
         self._pending = False  # the last plan kept `current` although a switch was due
         self._load_half_life_s = load_half_life_s
         self._retry_jitter = retry_jitter
-        self._loads_seen = self._refusals_seen = 0
+        self._loads_seen = self._refusals_seen = self._replies_seen = 0
         self._load: dict[str, float] = {}  # the latest load figures seen ...
         self._load_at = -math.inf  # ... and when (this clock)
-        # (the metadata's profile, the decayed load, that profile with it)
-        self._view: tuple[ServerProfile, dict[str, float], ServerProfile] | None = None
+        self._server_half_life_s = server_half_life_s
+        self.server_speed = 1.0  # the service's live time / its metadata's, as last seen ...
+        self._server_speed_at = -math.inf  # ... and when (this clock)
+        # (the metadata's profile, the decayed load and service speed, that profile with them)
+        self._view: tuple[ServerProfile, tuple[object, ...], ServerProfile] | None = None
         self.refused_until = -math.inf  # a 503's Retry-After: plan `device` until then
         self.current: str | None = None
         self.last_plan: Plan | None = None
@@ -199,8 +226,9 @@ class AutoSplit:
                                      self._clock() + error.retry_after_s * stretch)
 
     def _with_load(self, server: ServerProfile) -> ServerProfile:
-        """``server`` with the load as this device sees it now: the latest figures decaying
-        towards the metadata's, coarsely rounded; the same object while that is unchanged."""
+        """``server`` with the load and the service's speed as this device sees them now: the
+        latest figures decaying towards the metadata's, coarsely rounded; the same object while
+        that is unchanged."""
         weight = 0.5 ** ((self._clock() - self._load_at) / self._load_half_life_s)
         base = dict(server.load_ms)
         view = {}
@@ -208,10 +236,42 @@ class AutoSplit:
             floor = base.get(name, server.queue_ms)
             latest = self._load.get(name, floor)
             view[name] = _coarse(floor + (latest - floor) * weight)
-        if self._view is not None and self._view[0] is server and self._view[1] == view:
+        speed = round(self._server_speed_now(), 2)
+        key = (view, speed)
+        if self._view is not None and self._view[0] is server and self._view[1] == key:
             return self._view[2]
-        self._view = (server, view, server.with_load(view))
+        scaled = server if speed == 1.0 else ServerProfile(
+            tuple((name, ms * speed) for name, ms in server.server_ms), server.queue_ms)
+        self._view = (server, key, scaled.with_load(view))
         return self._view[2]
+
+    def _server_speed_now(self) -> float:
+        """The service speed last seen, decayed towards 1 (the metadata's figures) as it ages:
+        a device that fled a slow service tries it again."""
+        age_s = self._clock() - self._server_speed_at
+        weight: float = 0.5 ** (age_s / self._server_half_life_s)
+        return 1.0 + (self.server_speed - 1.0) * weight
+
+    def _observe_server(self, split: str) -> None:
+        """Fold the latest answer's cost to the service into its speed: decode + compute per
+        row (the service's own per-request figure) over the metadata's figure for ``split``."""
+        client = self.client
+        if client.replies_seen == self._replies_seen or client.last_reply is None:
+            return
+        self._replies_seen = client.replies_seen
+        reply = client.last_reply
+        published_ms = None if self._server is None else self._server.ms(split)
+        if not published_ms:
+            return
+        live_ms = reply.decode_ms + reply.compute_ms / max(1, reply.batch_size)
+        low, high = _SERVER_BOUNDS
+        now = self._server_speed_now()
+        sample = min(max(live_ms / published_ms, low), high)
+        agree_low, agree_high = CONTRADICTION_BOUNDS
+        if agree_low <= sample <= agree_high:
+            sample = 1.0
+        self.server_speed = now + _SERVER_ALPHA * (sample - now)
+        self._server_speed_at = self._clock()
 
     def _plan_ahead(self) -> None:
         """Cost the next request's candidates now, while the device is idle, so that plan()
@@ -275,6 +335,7 @@ class AutoSplit:
         t = result.timings
         if result.ran != DEVICE:
             self.estimator.observe(result.bytes_sent, t.network + t.server, t.server)
+            self._observe_server(result.split)
         if result.split not in self._payload_bytes:
             return
         profiled = self.profile.cost(result.split)

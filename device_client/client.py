@@ -112,6 +112,8 @@ class ServiceClient:
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4))
         self.last_load: LoadBody | None = None  # from the latest answer or metadata carrying one
         self.loads_seen = 0  # grows with every load received
+        self.last_reply: Reply | None = None  # the latest inference answer ...
+        self.replies_seen = 0  # ... and how many there were
         self.last_refusal: ServiceUnavailableError | None = None  # the latest 503
         self.refusals_seen = 0
 
@@ -201,8 +203,10 @@ class ServiceClient:
         timings = answer.timings_ms
         predictions = tuple(Prediction(p.index, p.label, p.prob) for p in answer.top_k[0])
         self._saw_load(answer.load)
-        return Reply(predictions, timings.decode, timings.queue, timings.compute,
-                     answer.batch_size, round_trip_ms, len(body), answer.load)
+        reply = Reply(predictions, timings.decode, timings.queue, timings.compute,
+                      answer.batch_size, round_trip_ms, len(body), answer.load)
+        self.last_reply, self.replies_seen = reply, self.replies_seen + 1
+        return reply
 
     def _saw_load(self, load: LoadBody | None) -> None:
         if load is not None:

@@ -21,7 +21,8 @@ from bench.fleet_device import (
     transmit,
 )
 from bench.fleet_inputs import encode_payloads
-from bench.fleet_run import RunSpec, bar, device_phase_s, run_fleet, summarize
+from bench.fleet_rounds import round_orders, size_window
+from bench.fleet_run import RunSpec, _Pool, bar, device_phase_s, run_fleet, run_rounds, summarize
 from bench.netem import LinkShape
 from bench.service_compute import cpu_layout
 from device_client.local_service import LocalService
@@ -94,6 +95,53 @@ def test_device_i_gets_link_mix_i_mod_len() -> None:
                 duration_s=1.0, timeout_s=1.0)
 
 
+# --- the rounds: policies side by side --------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 6, 7], ids=lambda n: f"{n}-policies")
+def test_every_round_runs_every_policy_once_and_positions_rotate(count: int) -> None:
+    full = 2 * count if count % 2 else count
+    orders = round_orders(count, full)
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    for position in range(count):  # each policy once in every position over a full cycle
+        seen = [order[position] for order in orders]
+        assert sorted(seen) == sorted(list(range(count)) * (full // count))
+    follows = [(a, b) for order in orders for a, b in zip(order, order[1:], strict=False)]
+    assert len(set(follows)) == count * (count - 1)  # every policy follows every other
+    assert round_orders(count, full + 1)[-1] == orders[0]  # cycled past a full design
+
+
+def test_a_small_fleet_stretches_its_window_then_shortens_its_period() -> None:
+    assert size_window(128, period_s=1.5, duration_s=10.0, min_photos=40) == (1.5, 10.0)
+    assert size_window(4, period_s=1.5, duration_s=10.0, min_photos=40) == (1.5, 15.0)
+    period_s, duration_s = size_window(1, period_s=1.5, duration_s=10.0, min_photos=40)
+    assert (period_s, duration_s) == (0.5, 20.0) and duration_s / period_s == 40
+    with pytest.raises(ValueError):
+        size_window(0, period_s=1.5, duration_s=10.0, min_photos=40)
+
+
+def test_a_policy_s_windows_pool_on_one_time_line() -> None:
+    spec = RunSpec(policy=CLOUD, devices=1, link_mix=("lan",), period_s=1.0, warmup_s=1.0,
+                   duration_s=4.0, timeout_s=5.0, rounds=2)
+    pool = _Pool(MODEL)
+    # Round 1: warm-up [0, 1), window [1, 3); its last answer arrives at 3.5.
+    pool.add([_record(0.5, 100.0, served=True, batch_size=1),
+              _record(1.5, 100.0, served=True, batch_size=3),
+              _record(2.9, 600.0, served=True, batch_size=3)], 1.0, spec.round_s, None, None, 4.0)
+    # Round 2: no warm-up, window [0, 2) of its own.
+    pool.add([_record(0.2, 300.0, served=True, batch_size=1),
+              _record(2.5, 100.0, served=True)], 0.0, spec.round_s, None, None, 3.0)
+    run = pool.run()
+    assert run.windows == ((1.0, 3.0), (4.5, 6.5))  # after round 1's last answer and a gap
+    assert [round(r.photo_s, 3) for r in run.records] == [0.5, 1.5, 2.9, 4.7, 7.0]
+    assert (run.mean_batch_size, run.mean_batch_source) == (2.0, "answers")
+    assert run.elapsed_s == 7.0
+    row = summarize(run.records, spec, windows=run.windows)
+    assert row["photos"] == 3 and row["p50_ms"] == 300.0  # the warm-up and round 2's late one
+    assert row["throughput_rps"] == 0.5  # 1.6 and 5.0 arrived in a window; 3.5 did not
+    assert (row["rounds"], row["period_ms"], row["duration_s"]) == (2, 1000.0, 4.0)
+
+
 # --- aggregation -------------------------------------------------------------------------------
 
 
@@ -146,7 +194,7 @@ def test_fleet_json_has_the_contract_s_keys(tmp_path: Path) -> None:
             for p in (CLOUD, AUTO)]
     args = argparse.Namespace(quick=True, devices=[1], engines=None, out=tmp_path)
     common = {"link_mix": ("lan",), "period_s": 1.0, "warmup_s": 1.0, "duration_s": 2.0,
-              "timeout_s": 5.0, "seed": 0, "min_photos": 4}
+              "timeout_s": 5.0, "seed": 0, "rounds": 2, "min_photos": 4}
     settings = {"max_batch_size": 16, "max_queue_delay_ms": 2.0, "max_queue": 256,
                 "threads": 1, "backend": "onnxruntime"}
     profile_doc = {"costs": [], "device_cpu": 0.2, "device_cpu_limited": True}
@@ -196,3 +244,26 @@ def test_a_small_fleet_against_the_real_service(live_service: LocalService,
     assert split["throughput_rps"] > 0 and split["mean_batch_source"] == "metrics"
     assert sum(auto["choices"].values()) == auto["photos"]
     assert set(auto["choices"]) <= {CLOUD, SPLIT, DEVICE}
+
+
+@pytest.mark.slow
+def test_two_policies_take_turns_against_the_real_service(live_service: LocalService,
+                                                          tmp_path: Path) -> None:
+    payloads = encode_payloads(tmp_path, MODEL, [CLOUD, SPLIT])
+    inputs = FleetInputs(MODEL, PROFILE, payloads)
+    specs = [RunSpec(policy=policy, devices=2, link_mix=("lan", "wifi"), period_s=0.5,
+                     warmup_s=0.5, duration_s=2.0, timeout_s=10.0, rounds=2)
+             for policy in (SPLIT, AUTO)]
+    seen: list[tuple[str, int]] = []
+    runs = asyncio.run(run_rounds(live_service.url, inputs, specs, pause_s=0.1,
+                                  on_window=lambda spec, r: seen.append((spec.policy, r))))
+    assert seen == [(SPLIT, 0), (AUTO, 0), (AUTO, 1), (SPLIT, 1)]
+    for spec, run in zip(specs, runs, strict=True):
+        assert len(run.windows) == 2 and run.windows[0][1] < run.windows[1][0]
+        row = summarize(run.records, spec, mean_batch_size=run.mean_batch_size,
+                        mean_batch_source=run.mean_batch_source, windows=run.windows)
+        assert row["ok"] == row["photos"] >= 8  # 2 devices, 2 s at a photo every 0.5 s
+        assert (row["errors"], row["timeouts"], row["rejected_503"]) == (0, 0, 0)
+        assert row["mean_batch_source"] == "metrics"
+    auto_records = runs[1].records
+    assert len({r.photo_s for r in auto_records}) == len(auto_records)  # one time line

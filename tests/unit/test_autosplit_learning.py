@@ -12,7 +12,7 @@ from device_client.auto import AutoSplit
 from device_client.client import ServiceClient
 from device_client.results import InferenceResult, Timings
 from shared.planner import CLOUD, DEVICE, DeviceCost, DeviceProfile
-from tests.support.contract import metadata_body
+from tests.support.contract import infer_body, metadata_body
 
 PROFILE = DeviceProfile("m", "f" * 16, (
     DeviceCost(DEVICE, 100.0, 0.0, 0),
@@ -291,3 +291,51 @@ def test_a_contradicted_whole_model_caps_every_head() -> None:
 def test_without_a_remeasure_hook_nothing_is_measured() -> None:
     auto = _learn([_result("mid", 298.0, 2.0, sent=10_000)] * 5)
     assert auto.remeasured == [] and auto.profile is PROFILE
+
+
+# --- the service's speed, from its answers --------------------------------------------------------
+
+
+def test_a_service_slower_than_its_metadata_says_is_planned_around_then_tried_again() -> None:
+    compute_ms, clock = [300.0], _Clock()  # the metadata says 30 ms for the whole model
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/probe"):
+            return httpx.Response(200, json={"received_bytes": len(request.content),
+                                             "server_ms": 0.0})
+        if request.method == "GET":
+            return httpx.Response(200, json=metadata_body(
+                server_ms=30.0, split_ms={"early": 40.0, "mid": 20.0}))
+        body = infer_body()
+        body["timings_ms"] = {"decode": 0.0, "queue": 0.0, "compute": compute_ms[0] * 2}
+        body["batch_size"] = 2  # per row: what the service itself averages
+        return httpx.Response(200, json=body)
+
+    async def choices(auto: AutoSplit, plans: int = 12) -> set[str]:
+        return {(await auto.plan()).chosen for _ in range(plans)}
+
+    async def run() -> None:
+        async with ServiceClient("http://s.test", transport=httpx.MockTransport(handler)
+                                 ) as client:
+            auto = AutoSplit(client, PROFILE, seed=1, hysteresis=0.1, clock=clock)
+            assert (await auto.plan()).chosen == CLOUD  # 31 ms against the device's 100
+            await client.classify("m", b"jpeg")
+            auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))
+            assert auto.server_speed == pytest.approx(1.0 + 0.5 * (10.0 - 1.0))
+            plan = await auto.plan()
+            assert plan.estimate(CLOUD).server_ms == pytest.approx(30.0 * 5.5)
+            assert plan.estimate("mid").server_ms == pytest.approx(20.0 * 5.5)  # never sent
+            assert DEVICE in await choices(auto)
+            assert auto.current == DEVICE
+            clock.now = 100.0  # ten half-lives on the device: the service is tried again
+            assert (await auto.plan()).estimate(CLOUD).server_ms == pytest.approx(30.0)
+            assert CLOUD in await choices(auto)
+            # Answers within 2x of the metadata's figure agree with it: the figures stay.
+            for ms in (30.0, 55.0, 16.0):
+                compute_ms[0] = ms
+                await client.classify("m", b"jpeg")
+                auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))
+                plan = await auto.plan()
+                assert plan.estimate(CLOUD).server_ms == pytest.approx(30.0, rel=0.01)
+
+    asyncio.run(run())

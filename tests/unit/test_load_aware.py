@@ -151,6 +151,8 @@ def _service(state: dict[str, object]) -> httpx.MockTransport:
                                   headers={"Retry-After": "2"})
         body = infer_body(split=CLOUD)
         body["load"] = state["load"]
+        # As fast as the metadata says: the service's speed stays 1, the load alone moves plans.
+        body["timings_ms"] = {"decode": 1.0, "queue": 0.0, "compute": COSTS[CLOUD] - 1.0}
         return httpx.Response(200, json=body)
 
     return httpx.MockTransport(handler)

@@ -1,0 +1,66 @@
+"""When each policy of one fleet size runs: interleaved rounds, and each size's window.
+
+The machine that runs ``bench fleet`` is shared, and its speed moves 2-3x from one minute to
+the next: policies measured one after another, each in its own minutes, are compared across
+those moves. So the policies of one fleet size take turns: ``rounds`` rounds, each policy one
+short window per round, in an order that changes from round to round, and each policy's
+windows pooled into its row. A slow minute then lands on every policy's windows alike.
+
+    >>> round_orders(4, 2)
+    [[0, 1, 3, 2], [1, 2, 0, 3]]
+    >>> size_window(1, period_s=1.5, duration_s=10.0, min_photos=40)
+    (0.5, 20.0)
+"""
+
+from __future__ import annotations
+
+__all__ = ["round_orders", "size_window"]
+
+MAX_STRETCH = 2.0  # a small fleet's window grows to this many times --duration, no further
+
+
+def round_orders(count: int, rounds: int) -> list[list[int]]:
+    """The order of ``count`` policies (indices) in each of ``rounds`` rounds: the rows of a
+    Williams design (a Latin square balanced for carry-over), cycled if ``rounds`` is larger.
+    Over ``count`` rounds (``2 * count`` for an odd count) each policy runs once in every
+    position and follows every other policy equally often, so neither a drift over the rounds
+    nor what ran just before (a service left busy by a saturating policy) favours one policy.
+
+        >>> round_orders(3, 2)
+        [[0, 1, 2], [1, 2, 0]]
+    """
+    if count < 1 or rounds < 1:
+        raise ValueError(f"need count >= 1 and rounds >= 1, got {count}, {rounds}")
+    # 0, 1, n-1, 2, n-2, ...: each row adds r (mod n); for an odd n the mirrored rows follow.
+    base = [0]
+    low, high = 1, count - 1
+    while low <= high:
+        base.append(low)
+        if low != high:
+            base.append(high)
+        low, high = low + 1, high - 1
+    rows = [[(b + r) % count for b in base] for r in range(count)]
+    if count % 2:
+        rows += [row[::-1] for row in rows]
+    return [rows[r % len(rows)] for r in range(rounds)]
+
+
+def size_window(devices: int, *, period_s: float, duration_s: float, min_photos: int
+                ) -> tuple[float, float]:
+    """``(period_s, duration_s)`` for a fleet of ``devices``: enough photos for a p95.
+
+    ``duration_s`` (measured seconds per policy) grows until its window holds ``min_photos``
+    photos, up to ``MAX_STRETCH`` times; past that the photo period shrinks instead. One device
+    at a photo every 1.5 s would need a minute per policy for 40 photos; at one photo in flight
+    and a few requests per second the service is as idle at 0.5 s as at 1.5 s.
+
+        >>> size_window(8, period_s=1.5, duration_s=10.0, min_photos=40)
+        (1.5, 10.0)
+        >>> size_window(2, period_s=1.5, duration_s=10.0, min_photos=40)
+        (1.0, 20.0)
+    """
+    if devices < 1 or period_s <= 0 or duration_s <= 0 or min_photos < 1:
+        raise ValueError("need devices >= 1, period_s > 0, duration_s > 0, min_photos >= 1")
+    needed_s = min_photos * period_s / devices
+    duration_s = min(max(duration_s, needed_s), MAX_STRETCH * duration_s)
+    return min(period_s, devices * duration_s / min_photos), duration_s
