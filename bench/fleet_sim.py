@@ -208,7 +208,8 @@ def _like(inputs: FleetInputs, run: Mapping[str, Any], seed: int) -> SimResult:
     repeats += 1 - repeats % 2  # odd: the median is one of them
     sims = sorted((simulate(inputs, run["policy"], devices=int(run["devices"]),
                             replicas=int(run.get("replicas", 1)), seed=seed, draw=k,
-                            engine=run.get("engine", "uvicorn"), duration_s=_duration_s(run))
+                            engine=run.get("engine", "uvicorn"), duration_s=_duration_s(run),
+                            rounds=int(run.get("rounds") or 1))
                    for k in range(repeats)), key=lambda s: s.p95_ms)
     return sims[len(sims) // 2]
 
