@@ -238,3 +238,72 @@ def test_the_projection_runs_on_served_inputs(tmp_path: Path) -> None:
     assert set(sim["replicas_needed"]) == {DEVICE, "middle", "auto"}  # no times for cloud
     assert sim["replicas_needed"]["middle"]["replicas"] >= 1
     assert not (tmp_path / "fleet_sim_service_times.json").exists()  # nothing measured
+
+
+def _loop_bound_doc() -> dict[str, Any]:
+    """8 devices, warm, at batch 1 and 16: a 1 ms forward pass per row, 20 ms of overhead."""
+    records = [_answer(t % 8, t / 8, compute_ms=1.0, overhead_ms=20.0) for t in range(88)]
+    records += [_answer(i, 20.0 + t, compute_ms=16.0, batch=16, overhead_ms=20.0)
+                for t in range(4) for i in range(16)]
+    warm = served.run_summary(records, _spec(16, (0.0, 30.0)), HEADS)
+    runs = [{"engine": "uvicorn", "replicas": 1, "policy": SPLIT, "devices": 8,
+             "p50_ms": 80.0, "p95_ms": 80.0, "duration_s": 10.0, "served": warm}]
+    return {"inputs": _inputs_doc(), "runs": runs}
+
+
+def test_the_event_loop_is_a_queue_the_requests_wait_for() -> None:
+    from bench import fleet_sim_engine as engine
+
+    inputs = load_inputs(_loop_bound_doc())
+    # 20 ms of loop CPU per request: 50 answers/s, however fast the 1 ms/row batches are
+    loaded = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0)  # 100 photos/s
+    assert loaded.throughput_rps < 50 * 1.1
+    assert loaded.p95_ms > 1000
+    calm = simulate(inputs, "middle", devices=30, seed=0, duration_s=4.0)  # 20 photos/s
+    assert calm.p95_ms < 200
+    engine_share = engine.LOOP_SHARE
+    try:  # the same overhead as a pure delay: no queue
+        engine.LOOP_SHARE = 0.0
+        delay = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0)
+    finally:
+        engine.LOOP_SHARE = engine_share
+    assert delay.throughput_rps > 90 and delay.p95_ms < 200
+
+
+def test_rounds_let_the_queue_drain_between_windows() -> None:
+    inputs = load_inputs(_loop_bound_doc())
+    one = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0)
+    four = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0, rounds=4)
+    assert one.ok == pytest.approx(four.ok, abs=150)  # the same photos, ...
+    assert four.p95_ms < one.p95_ms / 2  # ... each window starting on an idle service
+
+
+def test_auto_probes_the_link_at_start_up_through_the_service_s_loop() -> None:
+    from bench.fleet_sim_auto import AutoDevice
+
+    auto = AutoDevice(0, [DEVICE, CLOUD], HEAD_MS, {CLOUD: 20_000.0}, LAN.rtt_ms,
+                      LAN.uplink_bps, LAN.downlink_bps)
+    # each upload waited 300 ms in a busy loop: LinkEstimator reads that as the RTT
+    up_ms = {64: 0.0, 65_536: (65_536 + 350) * 8 / LAN.uplink_bps * 1e3}
+    auto.probe_done([(b, LAN.rtt_ms + 300.0 + up_ms[b]) for b in (64, 65_536, 64, 65_536)])
+    assert auto.probed and auto.rtt_ms == pytest.approx(LAN.rtt_ms + 300.0, rel=0.02)
+    auto.metadata(0.0, {CLOUD: 10.0}, 0.0, {CLOUD: 0.0})
+    assert auto.plan(0.0) == DEVICE  # 5 + 301 ms + 10 ms over the device's 100 ms
+    # a fast answer lowers it, as LinkEstimator caps the RTT by the recent large samples
+    auto.answered(0.0, {}, 20_000.0, LAN.rtt_ms + 2.0)
+    assert auto.rtt_ms == pytest.approx(LAN.rtt_ms + 2.0)
+
+
+def test_auto_learns_the_service_speed_from_answers() -> None:
+    from bench.fleet_sim_auto import SERVER_HALF_LIFE_MS, AutoDevice
+
+    auto = AutoDevice(0, [DEVICE, CLOUD], HEAD_MS, {CLOUD: 20_000.0}, LAN.rtt_ms,
+                      LAN.uplink_bps, LAN.downlink_bps)
+    auto.metadata(0.0, {CLOUD: 10.0}, 0.0, {CLOUD: 0.0})
+    before = auto.totals(0.0)[CLOUD]
+    auto.answered(0.0, {}, server_row_ms=15.0, cand=CLOUD)  # within 2x: agrees, speed 1
+    assert auto.totals(0.0)[CLOUD] == before
+    auto.answered(0.0, {}, server_row_ms=100.0, cand=CLOUD)  # 10x: halfway there, 5.5x
+    assert auto.totals(0.0)[CLOUD] - before == pytest.approx(45.0, abs=0.1)
+    later = auto.totals(SERVER_HALF_LIFE_MS)[CLOUD]  # decays towards 1
+    assert later - before == pytest.approx(22.5, abs=0.1)
