@@ -12,7 +12,10 @@ run its group's, the projection takes ``uvicorn/1``'s), else the file's
 one thread (``bench.fleet_sim_measure``, cached in DIR). The model is in
 ``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
 
-With the runs' answers nothing is calibrated. Without them (in-process times), two per-request
+With the runs' answers nothing is calibrated per run; the event loop's model has three shares
+(``fleet_sim_engine.LOOP_SHARE``, ``PROBE_SHARE``, ``META_SHARE``) chosen once on the measured
+run sets the README lists. Each run is simulated at its own photo period and in its own rounds.
+Without them (in-process times), two per-request
 costs that in-process timing cannot see are calibrated, from structure only:
 the service's CPU for the HTTP exchange (``bench service``'s one-client run: CPU per answer less
 compute and decode, ``fleet_sim_defaults.http_cpu_ms``), which loads the replica's core; and a
