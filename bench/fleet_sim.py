@@ -310,8 +310,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
             def sim(r: int, policy: str = policy, devices: int = devices,
                     results: dict[int, SimResult] = results) -> float:
+                # a steady state: no start-up storm of 10,000 devices probing at once
                 results[r] = simulate(inputs, policy, devices=devices, replicas=r, seed=seed,
-                                      duration_s=SEARCH_DURATION_S)
+                                      duration_s=SEARCH_DURATION_S, startup=False)
                 return _p95_if_served(results[r])
 
             counts = [1] if policy == DEVICE else replica_list

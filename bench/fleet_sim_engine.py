@@ -181,7 +181,8 @@ class _Replica:
 
 def simulate(inputs: FleetInputs, policy: str, *, devices: int, replicas: int = 1,
              seed: int = 0, duration_s: float | None = None, warmup_s: float | None = None,
-             engine: str = "uvicorn", draw: int = 0, rounds: int = 1) -> SimResult:
+             engine: str = "uvicorn", draw: int = 0, rounds: int = 1,
+             startup: bool = True) -> SimResult:
     """Simulate ``devices`` devices running ``policy`` against ``replicas`` replicas. Photos
     are taken for ``warmup_s`` + ``duration_s`` (defaults: the inputs'), and every one is
     answered; statistics are over the photos taken after the warm-up, latency from the photo to
@@ -189,12 +190,16 @@ def simulate(inputs: FleetInputs, policy: str, *, devices: int, replicas: int = 
     draws as ``bench fleet``'s seed does; ``draw`` > 0 draws other service times for them.
     ``rounds`` > 1 measures as ``bench fleet``'s rounds do: the window in that many parts,
     the devices' clocks paused between them until the service has answered everything
-    (``ROUND_GAP_MS``)."""
+    (``ROUND_GAP_MS``). ``startup=False`` leaves out ``auto``'s start-up (metadata and probe):
+    its devices plan with their link's own RTT from the first photo."""
     if devices < 1 or replicas < 1:
         raise ValueError("devices and replicas must be >= 1")
     t0 = (inputs.warmup_s if warmup_s is None else warmup_s) * 1e3
     t1 = t0 + (inputs.duration_s if duration_s is None else duration_s) * 1e3
     sim = _Sim(inputs, policy, devices, replicas, seed, engine, t0, t1)
+    if not startup:
+        for auto in sim.autos:
+            auto.probed = True
     if rounds > 1:
         sim.round_ms, sim.rounds = (t1 - t0) / rounds, rounds
     if draw:
