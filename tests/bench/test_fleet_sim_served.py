@@ -307,3 +307,11 @@ def test_auto_learns_the_service_speed_from_answers() -> None:
     assert auto.totals(0.0)[CLOUD] - before == pytest.approx(45.0, abs=0.1)
     later = auto.totals(SERVER_HALF_LIFE_MS)[CLOUD]  # decays towards 1
     assert later - before == pytest.approx(22.5, abs=0.1)
+
+
+def test_a_row_s_served_times_come_from_all_of_its_windows() -> None:
+    # a policy's rounds pooled on one time line: answers in either window count, none between
+    records = [_answer(0, t, compute_ms=10.0) for t in (1.0, 2.0, 5.0, 8.0, 9.0)]
+    summary = served.run_summary(records, _spec(1), HEADS, windows=[(0.5, 3.0), (7.5, 10.0)])
+    assert sum(h["count"] for h in summary["decode_ms"][SPLIT].values()) == 4
+    assert summary["device_lag_ms"]["1"]["count"] == 4
