@@ -244,6 +244,8 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
                             mean_batch_size=result.mean_batch_size,
                             mean_batch_source=result.mean_batch_source,
                             windows=result.windows)
+            row["served"] = fleet_sim.served(result.records, spec, inputs,  # the sim's inputs
+                                              windows=result.windows)
             console.print(fleet_report.progress(row))
             rows.append(row)
     return rows

@@ -190,6 +190,15 @@ class Record:
     fallback: bool = False  # finished on the device because the service could not answer
     batch_size: int | None = None
     error: str | None = None
+    # What the service reported with its answer (``Reply``: timings_ms) and the round trip the
+    # client timed around it, link emulation included; None when the service did not answer.
+    # The simulation's service times come from these (``bench.fleet_sim_served``).
+    decode_ms: float | None = None
+    queue_ms: float | None = None
+    compute_ms: float | None = None
+    round_trip_ms: float | None = None
+    request_bytes: int | None = None  # the body sent (the link's share of the round trip)
+    sent_s: float | None = None  # when the head's wait ended and the request left
 
     @property
     def latency_ms(self) -> float:
@@ -268,7 +277,13 @@ class FleetDevice:
         return Record(self.index, self.link_name, photo_s, start_s, done - origin_s, chosen,
                       outcome, served=reply is not None, rejected_503=rejected,
                       fallback=(reply is None and outcome != "error") or missed is not None,
-                      batch_size=None if reply is None else reply.batch_size, error=error)
+                      batch_size=None if reply is None else reply.batch_size, error=error,
+                      decode_ms=None if reply is None else reply.decode_ms,
+                      queue_ms=None if reply is None else reply.queue_ms,
+                      compute_ms=None if reply is None else reply.compute_ms,
+                      round_trip_ms=None if reply is None else round(reply.round_trip_ms, 3),
+                      request_bytes=None if reply is None else reply.bytes_sent,
+                      sent_s=head_done - origin_s)
 
     def _payload(self, candidate: str, k: int) -> Payload:
         bodies = self.inputs.payloads[candidate]

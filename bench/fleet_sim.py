@@ -5,11 +5,18 @@
 
 Fed with ``fleet.json``'s ``inputs`` (``--from``, default ``DIR/fleet.json``; without one, the
 same inputs built from ``bench/results``: ``bench.fleet_sim_defaults``) and with service times
-per (candidate, batch size): the file's ``inputs.service.service_ms``, else measured here with
-the service's backend on one core and one thread (``bench.fleet_sim_measure``, cached in DIR).
-The model is in ``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
+per (candidate, batch size): what the service answered in the file's own runs, pooled per
+engine and replica count (``runs[].served``, ``bench.fleet_sim_served``; ``validate`` gives each
+run its group's, the projection takes ``uvicorn/1``'s), else the file's
+``inputs.service.service_ms``, else measured here with the service's backend on one core and
+one thread (``bench.fleet_sim_measure``, cached in DIR). The model is in
+``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
 
-Calibration, from structure only, two per-request costs that in-process timing cannot see:
+With the runs' answers nothing is calibrated per run; the event loop's model has three shares
+(``fleet_sim_engine.LOOP_SHARE``, ``PROBE_SHARE``, ``META_SHARE``) chosen once on the measured
+run sets the README lists. Each run is simulated at its own photo period and in its own rounds.
+Without them (in-process times), two per-request
+costs that in-process timing cannot see are calibrated, from structure only:
 the service's CPU for the HTTP exchange (``bench service``'s one-client run: CPU per answer less
 compute and decode, ``fleet_sim_defaults.http_cpu_ms``), which loads the replica's core; and a
 delay that costs the service no CPU (event-loop and thread hand-offs, the emulator's own
@@ -40,22 +47,38 @@ from typing import Any
 from bench.fleet_sim_defaults import default_inputs_doc, http_cpu_ms
 from bench.fleet_sim_engine import SimResult, simulate
 from bench.fleet_sim_inputs import FleetInputs
+from bench.fleet_sim_served import device_lag, group_key, pooled, service_times, summary_json
+from bench.fleet_sim_served import run_summary as served
 from shared.candidates import DEVICE
 from shared.errors import ConfigError
 
 __all__ = ["MAX_REPLICAS", "calibrate", "load_inputs", "main", "replicas_needed", "run_cli",
-           "validate"]
+           "served", "validate"]
 
 MAX_REPLICAS = 4096
 FLOOR_GAIN = 0.02  # a doubling that improves p95 less than this: the service is not the limit
 SEARCH_DURATION_S = 10.0  # measured window of each simulation of the projection
 SIMULATION_FILE = "simulation.json"
+LIKE_PHOTOS = 4500  # validate: seeds per run until their photos add up to this many
+MIN_REPEATS, MAX_REPEATS = 3, 9  # a saturated run's p95 hangs on its few longest batches
+MAX_REFUSED = 0.01  # the projection: a replica count that refuses more photos does not serve
 
 
-def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None) -> FleetInputs:
-    """``doc["inputs"]`` as ``FleetInputs``; service times from the doc, else measured (cached
-    in ``cache_dir``, default ``bench/results``)."""
+PROJECTION_GROUP = "uvicorn/1"  # the single process: one replica is one core
+
+
+def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None, *,
+                group: str | None = None) -> FleetInputs:
+    """``doc["inputs"]`` as ``FleetInputs``. Service times: what the service answered in the
+    doc's own runs, pooled per engine/replicas (``bench.fleet_sim_served``; ``group``, else
+    ``PROJECTION_GROUP``, else the first group), else the doc's ``service_ms``, else measured
+    in-process (cached in ``cache_dir``, default ``bench/results``)."""
     raw = doc["inputs"]
+    groups = pooled(doc)
+    if groups:
+        key = group if group in groups else (
+            PROJECTION_GROUP if PROJECTION_GROUP in groups else next(iter(groups)))
+        return served_inputs(raw, groups[key])
     service = None
     if "service_ms" not in raw.get("service", {}):
         from bench.fleet_sim_measure import cached_service_times  # torch, onnxruntime
@@ -69,6 +92,13 @@ def load_inputs(doc: Mapping[str, Any], cache_dir: Path | None = None) -> FleetI
     return FleetInputs.from_doc(raw, service=service)
 
 
+def served_inputs(raw: Mapping[str, Any], group: Mapping[str, Any]) -> FleetInputs:
+    """``raw`` (``fleet.json``'s ``inputs``) with one pooled group of the runs' answers
+    (``bench.fleet_sim_served``) as its service times and device lag."""
+    return replace(FleetInputs.from_doc(raw, service=service_times(group)),
+                   device_lag_ms=device_lag(group))
+
+
 def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: int = 0
               ) -> tuple[FleetInputs, dict[str, Any]]:
     """The two per-request costs the in-process measurement cannot see (module docstring):
@@ -76,6 +106,8 @@ def calibrate(inputs: FleetInputs, runs: Sequence[Mapping[str, Any]], *, seed: i
     engine, the delay outside any CPU the simulation counts, fitted on its single-device runs
     (0 without any)."""
     fitted: dict[str, Any] = {}
+    if inputs.service.in_service:  # the run's own answers hold both: nothing to fit
+        return inputs, fitted
     if inputs.service.overhead_ms == 0.0:
         cpu_ms = http_cpu_ms()
         inputs = replace(inputs, service=inputs.service.with_overhead(cpu_ms))
@@ -113,21 +145,30 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
          "runs": [{"engine", "replicas", "policy", "devices", "measured_p95_ms",
                    "simulated_p95_ms", "error"}, ...], "calibration": {...}}
     """
-    inputs = load_inputs(doc, cache_dir)
     runs = [r for r in doc.get("runs", []) if _usable(r)]
-    inputs, fitted = calibrate(inputs, runs, seed=seed)
+    groups = pooled(doc)
+    by_group = {key: served_inputs(doc["inputs"], group) for key, group in groups.items()}
+    fallback: FleetInputs | None = None
+    fitted: dict[str, Any] = {}
+    if any(_group(r) not in by_group for r in runs):  # runs without answers' timings
+        fallback, fitted = calibrate(load_inputs(
+            {"inputs": {k: v for k, v in doc["inputs"].items() if k != "served"}}, cache_dir),
+                                     [r for r in runs if _group(r) not in by_group], seed=seed)
     rows = []
     for r in runs:
-        sim = simulate(inputs, r["policy"], devices=int(r["devices"]),
-                       replicas=int(r.get("replicas", 1)), seed=seed,
-                       engine=r.get("engine", "uvicorn"), duration_s=_duration_s(r))
+        inputs = by_group.get(_group(r)) or fallback
+        assert inputs is not None
+        sim = _like(inputs, r, seed)
         row = {"engine": r.get("engine", "uvicorn"), "replicas": int(r.get("replicas", 1)),
                "policy": r["policy"], "devices": int(r["devices"]),
                "measured_p95_ms": float(r["p95_ms"]), "simulated_p95_ms": round(sim.p95_ms, 2),
                "error": round(relative_error(sim.p95_ms, float(r["p95_ms"])), 4),
                "measured_p50_ms": float(r["p50_ms"]), "simulated_p50_ms": round(sim.p50_ms, 2),
                "simulated_mean_batch_size": round(sim.mean_batch_size, 2),
-               "simulated_utilisation": round(sim.utilisation, 3)}
+               "simulated_throughput_rps": round(sim.throughput_rps, 2),
+               "measured_throughput_rps": r.get("throughput_rps"),
+               "simulated_utilisation": round(sim.utilisation, 3),
+               "service_times": "served" if inputs.service.in_service else "in-process"}
         if "mean_batch_size" in r:
             row["measured_mean_batch_size"] = r["mean_batch_size"]
         if r.get("by_link"):
@@ -146,7 +187,34 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
                 k: worst[k] for k in ("engine", "replicas", "policy", "devices")},
             "bar": 0.15, "met": bool(errors) and max(errors) <= 0.15,
             "runs": rows, "calibration": fitted,
-            "service_times": inputs.service.to_json()}
+            "served": summary_json(groups),
+            **({"service_times": fallback.service.to_json()} if fallback is not None else {})}
+
+
+def _p95_if_served(res: SimResult) -> float:
+    """p95, or infinity when over ``MAX_REFUSED`` of the photos were refused (503) or timed
+    out: a service that sends its devices home meets any target on their CPUs, which is not
+    serving the policy."""
+    refused = (res.rejected_503 + res.timeouts) / max(res.ok + res.timeouts, 1)
+    return res.p95_ms if refused <= MAX_REFUSED else math.inf
+
+
+def _like(inputs: FleetInputs, run: Mapping[str, Any], seed: int) -> SimResult:
+    """``run`` simulated over its own window and phases: the median p95 of enough draws of the
+    service times that their photos add up to ``LIKE_PHOTOS`` (a single device's p95 over its
+    16 photos is one or two photos: one draw would compare one noisy sample with another)."""
+    if run.get("period_ms"):  # bench fleet shortens a small fleet's photo period
+        inputs = replace(inputs, period_ms=float(run["period_ms"]))
+    photos = int(run.get("photos") or 0) or int(run["devices"]) * (
+        (_duration_s(run) or inputs.duration_s) * 1e3 / inputs.period_ms)
+    repeats = max(MIN_REPEATS, min(MAX_REPEATS, math.ceil(LIKE_PHOTOS / max(photos, 1))))
+    repeats += 1 - repeats % 2  # odd: the median is one of them
+    sims = sorted((simulate(inputs, run["policy"], devices=int(run["devices"]),
+                            replicas=int(run.get("replicas", 1)), seed=seed, draw=k,
+                            engine=run.get("engine", "uvicorn"), duration_s=_duration_s(run),
+                            rounds=int(run.get("rounds") or 1))
+                   for k in range(repeats)), key=lambda s: s.p95_ms)
+    return sims[len(sims) // 2]
 
 
 def relative_error(simulated: float, measured: float) -> float:
@@ -221,7 +289,8 @@ def run_cli(args: argparse.Namespace) -> int:
     else:
         doc = {"inputs": default_inputs_doc()}
         origin = "bench/results (latency.json device profile, service.json HTTP cost)"
-    inputs = load_inputs(doc, out)
+    # real devices, each on its own CPU: none of the emulator's timer lateness
+    inputs = replace(load_inputs(doc, out), device_lag_ms={})
     runs = [r for r in doc.get("runs", []) if _usable(r)]
     validation = None
     if runs:
@@ -234,12 +303,17 @@ def run_cli(args: argparse.Namespace) -> int:
     for devices in devices_list:
         for policy in inputs.policies():
             results: dict[int, SimResult] = {}
+            if policy not in (DEVICE, "auto") and \
+                    inputs.split_points.get(policy, policy) not in inputs.service.batch_ms:
+                print(f"{policy}: no service times (the runs never sent it); skipped")
+                continue
 
             def sim(r: int, policy: str = policy, devices: int = devices,
                     results: dict[int, SimResult] = results) -> float:
+                # a steady state: no start-up storm of 10,000 devices probing at once
                 results[r] = simulate(inputs, policy, devices=devices, replicas=r, seed=seed,
-                                      duration_s=SEARCH_DURATION_S)
-                return results[r].p95_ms
+                                      duration_s=SEARCH_DURATION_S, startup=False)
+                return _p95_if_served(results[r])
 
             counts = [1] if policy == DEVICE else replica_list
             for r in counts:
@@ -249,7 +323,10 @@ def run_cli(args: argparse.Namespace) -> int:
                 need = {"replicas": 0, "p95_ms": round(results[1].p95_ms, 1),
                         "stop": "runs on the devices: no service"}
             else:
-                need = replicas_needed(sim, target_ms, {r: results[r].p95_ms for r in counts})
+                need = replicas_needed(sim, target_ms,
+                                       {r: _p95_if_served(results[r]) for r in counts})
+                if math.isinf(need["p95_ms"]):
+                    need["p95_ms"] = None
             rows += [{**results[r].to_json(), "searched": r not in counts}
                      for r in sorted(results)]
             needed[f"{policy}@{devices}" if len(devices_list) > 1 else policy] = need
@@ -257,6 +334,8 @@ def run_cli(args: argparse.Namespace) -> int:
         "devices": devices_list, "replicas": replica_list, "target_p95_ms": target_ms,
         "seed": seed, "inputs_from": origin, "period_ms": inputs.period_ms,
         "window_s": SEARCH_DURATION_S, "warmup_s": inputs.warmup_s,
+        "service_times_from": "the runs' answers (bench.fleet_sim_served)"
+        if inputs.service.in_service else "measured in-process (bench.fleet_sim_measure)",
         "http_cpu_ms": round(inputs.service.overhead_ms, 3),
         "delay_ms": {k: round(v, 3) for k, v in inputs.proxy_ms.items()},
         "jitter_mean_ms": {k: round(v, 3) for k, v in inputs.jitter_ms.items()},
@@ -276,8 +355,9 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"\nfewest replicas for p95 <= {target_ms:g} ms at "
           f"{', '.join(map(str, devices_list))} devices:")
     for name, need in needed.items():
+        p95 = "-" if need["p95_ms"] is None else f"{need['p95_ms']:.0f}"
         print(f"  {name:<10} {need['replicas'] if need['replicas'] is not None else '-':>6}"
-              f"  (p95 {need['p95_ms']:.0f} ms; {need['stop']})")
+              f"  (p95 {p95} ms; {need['stop']})")
     if validation is not None:
         print(f"validation: largest p95 error {validation['validation_p95_error']:.1%} over "
               f"{len(validation['runs'])} measured runs")
@@ -305,6 +385,10 @@ def _duration_s(run: Mapping[str, Any]) -> float | None:
     """A run's own measured window (``bench fleet`` stretches small fleets' runs)."""
     value = run.get("duration_s")
     return None if value is None else float(value)
+
+
+def _group(run: Mapping[str, Any]) -> str:
+    return group_key(str(run.get("engine", "uvicorn")), int(run.get("replicas", 1)))
 
 
 def _usable(run: Mapping[str, Any]) -> bool:

@@ -14,18 +14,48 @@ discrete-event loop. This keeps its state per simulated device and makes the sam
   AutoSplit's half-life and rounded by its ``_coarse``;
 * a 503 makes it plan ``device`` until ``Retry-After`` x (1 + 0.5 u) has passed.
 
-What differs: the link is known exactly (AutoSplit estimates it from its requests, which on an
-emulated link converges to the same figures); device speed and re-measuring are off (emulated
-heads take exactly their profiled time); the metadata fetch costs no time on the request's path.
+* the uplink is ``device_client.link.LinkEstimator``'s: the upper median of the last 5 answers'
+body bits over their network time (round trip less the service's own) less the RTT, so time
+an answer spends outside the service's timings (HTTP, a busy event loop) reads as a slower
+link, as it does for the product.
+
+* the RTT is the start-up probe's (``device_client.link.probe``: 64 B, 64 KiB, 64 B, 64 KiB
+  to the service's sink, one after another, before the first plan; the engine sends them
+  through the replica's event loop, so a busy loop's queue reads as RTT), estimated by
+  ``LinkEstimator`` itself from the four samples; answers then lower it to the fastest recent
+  large sample's network time, as ``LinkEstimator.estimate`` caps it;
+* the service speed is ``AutoSplit``'s: each answer's decode + compute per row over the
+  metadata's figure (clamped to 0.2-20x, 1 within 0.5-2x), folded in halfway, decaying to 1
+  with a 10 s half-life, scaling every service figure.
+
+What differs: device speed and re-measuring are off (emulated heads take exactly their profiled
+time); the metadata fetch costs no time on the request's path; the link is probed once.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import deque
 from collections.abc import Mapping, Sequence
 
-from device_client.auto import _coarse  # the product's rounding of the load view
+from device_client.auto import (
+    _SERVER_ALPHA,
+    _SERVER_BOUNDS,
+    _coarse,  # the product's rounding of the load view
+)
+from device_client.link import (
+    _FLOOR_MS,
+    _FLOOR_RTT_FRACTION,
+    _RECENT_LARGE,
+    MAX_BPS,
+    PROBE_LARGE_BYTES,
+    PROBE_SMALL_BYTES,
+    SMALL_BYTES,
+    LinkEstimator,
+)
+from device_client.profile_rules import CONTRADICTION_BOUNDS
 from shared.candidates import DEVICE
 from shared.planner import (
     HTTP_OVERHEAD_BYTES,
@@ -36,20 +66,24 @@ from shared.planner import (
     switch_threshold_ms,
 )
 
-__all__ = ["LOAD_HALF_LIFE_MS", "METADATA_TTL_MS", "AutoDevice"]
+__all__ = ["LOAD_HALF_LIFE_MS", "METADATA_TTL_MS", "PROBE_BYTES", "AutoDevice"]
 
 METADATA_TTL_MS = 30_000.0  # AutoSplit's metadata_ttl_s
 LOAD_HALF_LIFE_MS = 2_000.0  # AutoSplit's load_half_life_s
 RETRY_JITTER = 0.5  # AutoSplit's retry_jitter
 MIN_GAIN_MS = 1.0  # shared.planner.choose's default, as AutoSplit calls it
+SERVER_HALF_LIFE_MS = 10_000.0  # AutoSplit's server_half_life_s
+# device_client.link.probe's uploads before any estimate, in order
+PROBE_BYTES = (PROBE_SMALL_BYTES, PROBE_LARGE_BYTES, PROBE_SMALL_BYTES, PROBE_LARGE_BYTES)
 
 
 class AutoDevice:
     """One simulated device's planner state. ``plan(now_ms)`` -> candidate."""
 
-    __slots__ = ("cands", "current", "fixed_ms", "hysteresis", "load", "load_at",
+    __slots__ = ("bodies", "cands", "current", "down_ms", "fixed_ms", "head_ms", "hysteresis",
+                 "load", "load_at", "nets", "probed", "rates", "rtt_ms", "probe_rtt_ms",
                  "meta_at", "meta_load", "meta_queue_ms", "meta_server_ms", "refused_until",
-                 "rng")
+                 "rng", "speed", "speed_at", "up_bps")
 
     def __init__(self, seed: int, cands: Sequence[str], head_ms: Mapping[str, float],
                  request_bytes: Mapping[str, float], rtt_ms: float, up_bps: float,
@@ -58,11 +92,17 @@ class AutoDevice:
         self.rng = random.Random(seed + 1)
         self.cands = tuple(cands)  # candidate order: device, cloud, split points
         # head + encode + rtt + transfer (shared.planner.estimate/transfer_ms): fixed per link.
-        down_ms = serialization_ms(RESPONSE_BYTES, down_bps)
-        self.fixed_ms = {c: head_ms[c] if c == DEVICE else (
-            head_ms[c] + rtt_ms + serialization_ms(
-                round(request_bytes.get(c, 0.0)) + HTTP_OVERHEAD_BYTES, up_bps) + down_ms)
-            for c in self.cands}
+        self.down_ms = serialization_ms(RESPONSE_BYTES, down_bps)
+        self.head_ms, self.rtt_ms = dict(head_ms), rtt_ms
+        self.bodies = {c: round(request_bytes.get(c, 0.0)) for c in self.cands}
+        self.rates: deque[float] = deque(maxlen=_RECENT_LARGE)  # LinkEstimator's large samples
+        self.nets: deque[float] = deque(maxlen=_RECENT_LARGE)  # their network ms
+        self.probed = False  # until then the RTT is the link's own (no probe modelled)
+        self.probe_rtt_ms = rtt_ms
+        self.up_bps = up_bps
+        self.speed, self.speed_at = 1.0, -math.inf  # AutoSplit.server_speed
+        self.fixed_ms: dict[str, float] = {}
+        self._cost(up_bps)
         self.current: str | None = None
         self.load: dict[str, float] = {}
         self.load_at = -math.inf
@@ -80,8 +120,64 @@ class AutoDevice:
         self.meta_server_ms = dict(server_ms)
         self.meta_queue_ms, self.meta_load, self.meta_at = queue_ms, dict(load), now_ms
 
-    def answered(self, now_ms: float, load: Mapping[str, float]) -> None:
+    def _cost(self, up_bps: float) -> None:
+        self.fixed_ms = {c: self.head_ms[c] if c == DEVICE else (
+            self.head_ms[c] + self.rtt_ms + serialization_ms(
+                self.bodies[c] + HTTP_OVERHEAD_BYTES, up_bps) + self.down_ms)
+            for c in self.cands}
+
+    def probe_done(self, samples: Sequence[tuple[int, float]]) -> None:
+        """The start-up probe's (body bytes, network ms) samples, as ``LinkEstimator`` reads
+        them: its RTT and uplink replace the link's own."""
+        est = LinkEstimator(clock=lambda: 0.0)
+        for body, network_ms in samples:
+            est.observe(body, network_ms, 0.0, probe=True)
+        link = est.estimate()
+        self.probed = True
+        if link is None:
+            return
+        self.rtt_ms = self.probe_rtt_ms = link.rtt_ms
+        self.rates.clear()
+        self.nets.clear()
+        for body, network_ms in samples:
+            if body > SMALL_BYTES:
+                self.nets.append(network_ms)
+                self._rate(body, network_ms)
+        self._cost(statistics.median_high(self.rates) if self.rates else self.up_bps)
+
+    def _rate(self, wire_bytes: float, network_ms: float) -> None:
+        floor_ms = max(_FLOOR_MS, _FLOOR_RTT_FRACTION * self.rtt_ms)
+        excess_ms = max(network_ms - self.rtt_ms, floor_ms)
+        self.rates.append(min(MAX_BPS, wire_bytes * 8 / excess_ms * 1e3))
+
+    def answered(self, now_ms: float, load: Mapping[str, float], body_bytes: float = 0.0,
+                 network_ms: float | None = None, cand: str | None = None,
+                 server_row_ms: float | None = None) -> None:
+        """An answer: the service's load, (``network_ms``: round trip less the service's own
+        time) a sample of the link as ``LinkEstimator`` takes it, and (``server_row_ms``:
+        decode + compute per row for ``cand``) a sample of the service's speed."""
         self.load, self.load_at = dict(load), now_ms
+        if network_ms is not None and body_bytes > SMALL_BYTES:
+            if self.probed:  # LinkEstimator caps the RTT by the fastest recent large sample
+                self.nets.append(network_ms)
+                self.rtt_ms = min(self.probe_rtt_ms, min(self.nets))
+            self._rate(body_bytes, network_ms)
+            self._cost(statistics.median_high(self.rates))
+        server = self.meta_server_ms
+        if server_row_ms is not None and server and server.get(cand or ""):
+            low, high = _SERVER_BOUNDS
+            sample = min(max(server_row_ms / server[cand or ""], low), high)
+            if CONTRADICTION_BOUNDS[0] <= sample <= CONTRADICTION_BOUNDS[1]:
+                sample = 1.0
+            speed = self.speed_now(now_ms)
+            self.speed, self.speed_at = speed + _SERVER_ALPHA * (sample - speed), now_ms
+
+    def speed_now(self, now_ms: float) -> float:
+        """``AutoSplit._server_speed_now``: the last service speed, decayed towards 1."""
+        if self.speed == 1.0:
+            return 1.0
+        weight: float = 0.5 ** ((now_ms - self.speed_at) / SERVER_HALF_LIFE_MS)
+        return 1.0 + (self.speed - 1.0) * weight
 
     def refused(self, now_ms: float, retry_after_ms: float) -> None:
         stretch = 1.0 + RETRY_JITTER * self.rng.random()
@@ -96,6 +192,7 @@ class AutoDevice:
         if now_ms < self.refused_until or server is None:
             return {DEVICE: self.fixed_ms[DEVICE]}
         weight = 0.5 ** ((now_ms - self.load_at) / LOAD_HALF_LIFE_MS)
+        speed = round(self.speed_now(now_ms), 2)
         out = {}
         for c in self.cands:
             if c == DEVICE:
@@ -103,7 +200,8 @@ class AutoDevice:
             elif c in server:
                 floor = self.meta_load.get(c, self.meta_queue_ms)
                 latest = self.load.get(c, floor)
-                out[c] = self.fixed_ms[c] + server[c] + _coarse(floor + (latest - floor) * weight)
+                out[c] = (self.fixed_ms[c] + server[c] * speed
+                          + _coarse(floor + (latest - floor) * weight))
         return out
 
     def plan(self, now_ms: float, draw: float | None = None) -> str:

@@ -13,8 +13,14 @@ still queued then (``X-Request-Timeout-Ms``).
 A replica is one service process on one core (``cloud_server``). Each request costs the core
 its ``request_ms`` (HTTP + decode: the event loop and ``asyncio.to_thread``, one after another)
 beside the compute thread; while both have work they share the core half and half (processor
-sharing, as the kernel shares it between the threads). ``cloud_server.batching.Batcher``'s rule
-forms the batches: one
+sharing, as the kernel shares it between the threads). With the service times a measured run's
+answers reported (``ServiceTimes.in_service``) the event loop is still a single FIFO server,
+read and answer of every request (and ``auto``'s start-up metadata and probe uploads) queueing
+for it, its CPU per request measured at low load (``LOOP_SHARE``), while decode, compute and
+the rest of the overhead are the wall-clock times the runs saw, which hold the core's sharing
+already (so the loop takes no share of the batch's core here). A fleet's rounds (``rounds``)
+are simulated as measured: the window in parts, the devices' clocks paused between them until
+every request is over. ``cloud_server.batching.Batcher``'s rule forms the batches: one
 compute thread for every key; it takes the key whose oldest request waited longest, waits until
 that request is ``batch_wait_ms`` old or ``batch_max`` rows are queued, runs one forward pass,
 then picks again. Batches never mix keys. Past ``max_queue`` queued requests a replica answers
@@ -35,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from bench.fleet_sim_auto import AutoDevice
+from bench.fleet_sim_auto import PROBE_BYTES, AutoDevice
 from bench.fleet_sim_inputs import FleetInputs, candidate_of, seeded_phases
 from shared.candidates import CLOUD, DEVICE
 from shared.planner import HTTP_OVERHEAD_BYTES
@@ -46,8 +52,25 @@ _LOAD_ALPHA = 0.2  # cloud_server.batching
 _SERVER_MS_ALPHA = 0.1  # cloud_server.runtime (server_ms refreshed by live traffic)
 _QUEUE_MS_ALPHA = 0.1  # cloud_server.service (the metadata's queue_ms)
 
-_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT = range(6)
-_Req = list[Any]  # [device, candidate, start ms, photo ms, still awaited by the device]
+_START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT, _DECODED, _PROBE_AT, _PROBED = range(9)
+# what the event loop does with an item once its CPU is spent (``_Replica.ingest``)
+_QUEUE, _DECODE, _ANSWER, _PROBE = range(4)
+# in_service: the event loop's CPU per request (HTTP parsing, the body's read, the answer) is
+# this share of the lower quartile of the overheads the runs saw at batch size 1 (a request's
+# round trip less the service's times and the link's, which no queue is in); the rest of a
+# drawn overhead (thread hand-offs, the emulated device's own loop) is a delay. Checked on six
+# measured run sets (README): 0.5-1.0 validate alike.
+LOOP_SHARE = 1.0
+# a probe upload's loop CPU against a request's (read a body, answer a few bytes: no decode
+# hand-off, no batch), and the metadata's (a JSON answer like an inference's)
+PROBE_SHARE = 0.25
+META_SHARE = 1.0
+# [device, candidate, start ms, photo ms, still awaited by the device, found the replica idle]
+_Req = list[Any]
+# between two rounds' windows, on the simulation's clock: every request answered or timed out
+# (bench fleet waits for the last answer, then 1 s, and runs the other policies' windows)
+ROUND_GAP_MS = 11_000.0
+IDLE_MS = 1000.0  # bench.fleet_sim_served.IDLE_S: a replica idle this long runs the next cold
 
 
 @dataclass(frozen=True)
@@ -76,20 +99,25 @@ class SimResult:
 
 class _Replica:
     __slots__ = ("batch_at", "batch_left", "batch_rows", "batch_start", "batched", "batches",
-                 "busy_ms", "half_life_ms",
+                 "busy_ms", "half_life_ms", "idle_at", "last_batch",
                  "busy_until", "depth", "fill_version", "filling", "head_left", "inflight",
+                 "shares_batch",
                  "ingest", "key", "last_t", "queue_ms", "queues", "row_ms", "running",
                  "server_ms", "version")
 
     def __init__(self, server_ms: dict[str, float], half_life_ms: float | None) -> None:
         self.half_life_ms = half_life_ms  # the mean batch size's decay once a key stops running
         self.batch_at: dict[str, float] = {}
+        self.last_batch: dict[str, int] = {}
+        self.idle_at = -math.inf  # when the last request in flight was answered
         self.queues: dict[str, deque[tuple[float, _Req]]] = {}
         self.depth = 0  # queued, not yet in a forward pass (Batcher.depth)
         self.inflight = 0  # admitted and not answered (the router's figure)
         # One core, shared by two streams: requests' own work (HTTP + decode, FIFO) and the
         # compute thread's batch. Both busy: each runs at half speed (processor sharing).
-        self.ingest: deque[tuple[float, _Req]] = deque()
+        self.ingest: deque[tuple[float, int, Any]] = deque()  # (CPU ms, what next, payload)
+        # False when batch times are wall-clock times measured under the same sharing
+        self.shares_batch = True
         self.head_left = 0.0  # CPU ms left of the request at the head of ``ingest``
         self.batch_left = 0.0  # CPU ms left of the batch in flight
         self.last_t = 0.0
@@ -108,16 +136,19 @@ class _Replica:
         self.batches = self.batched = 0
 
     def rate(self) -> float:
+        if not self.shares_batch:  # the measured times hold the sharing already
+            return 1.0
         return 0.5 if self.ingest and self.running is not None else 1.0
 
     def advance(self, now: float) -> None:
         """Progress both streams to ``now`` (no completion falls inside: events mark them)."""
-        done = (now - self.last_t) * self.rate()
+        elapsed = now - self.last_t
+        done = elapsed * self.rate()
         self.last_t = now
         if self.ingest:
             self.head_left -= done
         if self.running is not None:
-            self.batch_left -= done
+            self.batch_left -= done if self.shares_batch else elapsed
 
     def rows_now(self, key: str, rows: float, now: float) -> float:
         """``Batcher._rows_now``, where the service has it: decayed towards 1 since the key's
@@ -150,16 +181,29 @@ class _Replica:
 
 def simulate(inputs: FleetInputs, policy: str, *, devices: int, replicas: int = 1,
              seed: int = 0, duration_s: float | None = None, warmup_s: float | None = None,
-             engine: str = "uvicorn") -> SimResult:
+             engine: str = "uvicorn", draw: int = 0, rounds: int = 1,
+             startup: bool = True) -> SimResult:
     """Simulate ``devices`` devices running ``policy`` against ``replicas`` replicas. Photos
     are taken for ``warmup_s`` + ``duration_s`` (defaults: the inputs'), and every one is
     answered; statistics are over the photos taken after the warm-up, latency from the photo to
-    its answer (as ``bench fleet`` counts it)."""
+    its answer (as ``bench fleet`` counts it). ``seed`` sets the devices' phases and auto's
+    draws as ``bench fleet``'s seed does; ``draw`` > 0 draws other service times for them.
+    ``rounds`` > 1 measures as ``bench fleet``'s rounds do: the window in that many parts,
+    the devices' clocks paused between them until the service has answered everything
+    (``ROUND_GAP_MS``). ``startup=False`` leaves out ``auto``'s start-up (metadata and probe):
+    its devices plan with their link's own RTT from the first photo."""
     if devices < 1 or replicas < 1:
         raise ValueError("devices and replicas must be >= 1")
     t0 = (inputs.warmup_s if warmup_s is None else warmup_s) * 1e3
     t1 = t0 + (inputs.duration_s if duration_s is None else duration_s) * 1e3
     sim = _Sim(inputs, policy, devices, replicas, seed, engine, t0, t1)
+    if not startup:
+        for auto in sim.autos:
+            auto.probed = True
+    if rounds > 1:
+        sim.round_ms, sim.rounds = (t1 - t0) / rounds, rounds
+    if draw:
+        sim.rng = random.Random(f"{seed}/{draw}")
     sim.run()
     return sim.result()
 
@@ -171,6 +215,8 @@ class _Sim:
                  seed: int, engine: str, t0: float, t1: float) -> None:
         self.inputs, self.policy, self.devices, self.replicas = inputs, policy, devices, replicas
         self.t0, self.t1 = t0, t1
+        self.round_ms = math.inf  # the devices' clock runs ROUND_GAP_MS behind after each
+        self.rounds = 1
         self.rng = random.Random(seed)
         svc = inputs.service
         cands = inputs.candidates()
@@ -178,6 +224,14 @@ class _Sim:
         self.samplers = {c: svc.sampler(c, inputs.batch_max) for c in self.profiled}
         self.request_ms = {c: svc.request_ms(c) for c in self.profiled}
         self.decode_ms = {c: svc.decode_ms.get(c, 0.0) for c in self.profiled}
+        # times the service reported in a measured run: delays, the core's sharing in them
+        self.in_service = svc.in_service
+        self.cold = svc.cold_draws
+        bmax = inputs.batch_max
+        self.decode_draws = {c: svc.by_size(svc.decode_draws.get(c), bmax, self.decode_ms[c])
+                             for c in self.profiled}
+        self.overhead_draws = {c: svc.by_size(svc.overhead_draws.get(c), bmax, 0.0)
+                               for c in self.profiled}
         self.finish_ms = {c: inputs.finish_ms(c) for c in cands}
         links = [inputs.links[inputs.link_mix[i % len(inputs.link_mix)]] for i in range(devices)]
         by_link = {lk.name: {c: lk.rtt_ms / 2 + lk.up_ms(
@@ -187,6 +241,8 @@ class _Sim:
         self.link_of = [lk.name for lk in links]
         self.lat_by_link: dict[str, list[float]] = {name: [] for name in inputs.link_mix}
         self.down_ms = [lk.rtt_ms / 2 + lk.down_ms(inputs.response_bytes) for lk in links]
+        lags = inputs.device_lag_ms
+        self.lag_ms = lags[min(lags, key=lambda n: (abs(n - devices), n))] if lags else ()
         self.proxy_ms = inputs.proxy_ms.get(engine, 0.0)
         self.jitter_ms = inputs.jitter_ms.get(engine, 0.0)
         self.fixed = None if policy == "auto" else candidate_of(inputs, policy)
@@ -195,6 +251,16 @@ class _Sim:
                       for i, lk in enumerate(links)] if self.fixed is None else []
         half_life_ms = _rows_half_life_ms() if self.fixed is None else None
         self.reps = [_Replica(self.profiled, half_life_ms) for _ in range(replicas)]
+        for r in self.reps:
+            r.shares_batch = not self.in_service
+        # in_service: the event loop's CPU per request (split between reading it and answering
+        # it) and the delay besides, from the overhead the runs saw at low load (batch size 1;
+        # cold: the idle replica's); later sizes' overheads hold the loop's queue, simulated here
+        self.loop_draws = {c: (d[1], d[0]) for c, d in self.overhead_draws.items()}  # sorted
+        # AutoSplit's start-up: the metadata (a GET), then the probe's four uploads
+        self.probe_up_ms = [[lk.rtt_ms / 2 + lk.up_ms(b + HTTP_OVERHEAD_BYTES)
+                             for b in (0, *PROBE_BYTES)] for lk in links]
+        self.probe_down_ms = [lk.rtt_ms / 2 for lk in links]
         self.photo = seeded_phases(devices, inputs.period_ms, seed)
         self.heap: list[tuple[float, int, int, object]] = [
             (p, i, _START, i) for i, p in enumerate(self.photo)]
@@ -212,23 +278,38 @@ class _Sim:
     def in_window(self, photo: float) -> bool:
         return self.t0 <= photo < self.t1
 
+    def at(self, photo: float) -> float:
+        """A device's clock (photo times) on the simulation's, past the rounds' gaps."""
+        if photo < self.t0 or self.round_ms == math.inf:
+            return photo
+        return photo + ROUND_GAP_MS * min((photo - self.t0) // self.round_ms, self.rounds - 1)
+
+    def live(self, t: float) -> bool:
+        """Whether simulation time ``t`` falls in a measured window."""
+        if self.round_ms == math.inf:
+            return self.t0 <= t < self.t1
+        if t < self.t0:
+            return False
+        k, into = divmod(t - self.t0, self.round_ms + ROUND_GAP_MS)
+        return into < self.round_ms and k < self.rounds
+
     def finish(self, dev: int, photo: float, done: float, *, timeout: bool = False) -> None:
         """Photo ``photo`` of ``dev`` answered at ``done``; start its next photo."""
         if self.in_window(photo):
-            self.lat.append(done - photo)
-            self.lat_by_link[self.link_of[dev]].append(done - photo)
+            self.lat.append(done - self.at(photo))
+            self.lat_by_link[self.link_of[dev]].append(done - self.at(photo))
             if timeout:
                 self.timeouts += 1
             else:
                 self.ok += 1
         self.photo[dev] += self.inputs.period_ms  # photos queue while busy; none is dropped
         if self.photo[dev] < self.t1:
-            self.push(max(self.photo[dev], done), _START, dev)
+            self.push(max(self.at(self.photo[dev]), done), _START, dev)
 
     def fail(self, dev: int, req: _Req, at: float, *,
              timeout: bool) -> None:
         """The service could not answer ``req``: the device finishes it locally."""
-        _, cand, _, photo, _ = req
+        cand, photo = req[1], req[3]
         req[4] = False
         if self.in_window(photo):
             self.fallbacks += 1
@@ -272,6 +353,8 @@ class _Sim:
                 batch.append(item)
             else:  # the device gave up on it: past X-Request-Timeout-Ms, dropped unrun
                 r.inflight -= 1
+                if not r.inflight:
+                    r.idle_at = self.now
         if not q:
             del r.queues[key]
         r.filling = None
@@ -280,10 +363,12 @@ class _Sim:
             return
         n = len(batch)
         samples, scale = self.samplers[key][n]
+        if n == 1 and batch[0][1][5] and key in self.cold:  # a lone request on an idle replica
+            samples, scale = self.cold[key], 1.0
         compute = self.rng.choice(samples) * scale
         r.running, r.key, r.batch_start = batch, key, self.now
         r.batch_left = compute
-        if self.t0 <= self.now < self.t1:
+        if self.live(self.now):
             r.busy_ms += compute
         r.busy_until = self.now + r.row_ms[key] * n if key in r.row_ms else 0.0
 
@@ -294,11 +379,14 @@ class _Sim:
         if r.ingest:
             self.push(self.now + max(r.head_left, 0.0) / rate, _INGESTED, (r, r.version))
         if r.running is not None:
-            self.push(self.now + max(r.batch_left, 0.0) / rate, _BATCH_END, (r, r.version))
+            batch_rate = rate if r.shares_batch else 1.0
+            self.push(self.now + max(r.batch_left, 0.0) / batch_rate, _BATCH_END,
+                      (r, r.version))
 
     def run(self) -> None:
         handlers = (self.on_start, self.on_arrive, self.on_ingested, self.on_fill,
-                    self.on_batch_end, self.on_timeout)
+                    self.on_batch_end, self.on_timeout, self.on_decoded, self.on_probe_at,
+                    self.on_probed)
         heap = self.heap
         while heap:
             self.now, _, kind, payload = heapq.heappop(heap)
@@ -308,6 +396,10 @@ class _Sim:
         now = self.now
         if self.fixed is None:
             auto = self.autos[dev]
+            if not auto.probed:  # AutoSplit probes the link before its first plan
+                auto.probed = True
+                self.push(now + self.probe_up_ms[dev][0], _PROBE_AT, [dev, 0, now, []])
+                return
             if auto.needs_metadata(now):
                 r = self.pick_replica()
                 auto.metadata(now, r.server_ms, r.queue_ms,
@@ -319,10 +411,12 @@ class _Sim:
             cand = self.fixed
         if self.in_window(self.photo[dev]):
             self.choices[cand] = self.choices.get(cand, 0) + 1
+        if self.lag_ms:  # the emulated device's timers run late
+            now += self.rng.choice(self.lag_ms)
         if cand == DEVICE:
             self.finish(dev, self.photo[dev], now + self.inputs.head_ms[DEVICE])
         else:
-            req = [dev, cand, now, self.photo[dev], True]
+            req = [dev, cand, now, self.photo[dev], True, False]
             self.push(now + self.inputs.head_ms[cand] + self.up_ms[dev][cand], _ARRIVE, req)
             self.push(now + self.inputs.timeout_ms, _TIMEOUT, req)
 
@@ -332,7 +426,7 @@ class _Sim:
             self.fail(req[0], req, self.now, timeout=True)
 
     def on_arrive(self, req: Any) -> None:
-        dev, cand, _, photo, awaited = req
+        dev, cand, _, photo, awaited, _ = req
         if not awaited:  # the device gave up before it arrived
             return
         r = self.pick_replica()
@@ -346,15 +440,61 @@ class _Sim:
                 self.autos[dev].refused(now + self.down_ms[dev], retry_ms)
             self.fail(dev, req, now + self.down_ms[dev], timeout=False)
             return
+        if self.in_service:  # decoded in its own thread, as long as the run's decodes took
+            # how busy the key is: its latest batch's size, or 0 for an idle replica (cold)
+            req[5] = r.inflight == 0 and now - r.idle_at >= IDLE_MS
+            last = 0 if req[5] else r.last_batch.get(cand, 1)
+            r.inflight += 1
+            loop_ms, delay_ms = self.loop_cost(cand, req[5])
+            decode_ms = self.rng.choice(self.decode_draws[cand][last])
+            # req[6:11]: the delay besides the loop, the answer's loop CPU, arrival, read, decode
+            req.extend((delay_ms, loop_ms / 2, now, now, decode_ms))
+            self.to_loop(r, loop_ms / 2, _DECODE, req)
+            return
         r.inflight += 1
-        r.advance(now)
-        cost = self.request_ms[cand]
+        self.to_loop(r, self.request_ms[cand], _QUEUE, req)
+
+    def loop_cost(self, cand: str, cold: bool) -> tuple[float, float]:
+        """A request's event-loop CPU (``LOOP_SHARE`` of its overhead's lower quartile, which
+        no queue is in) and its delay besides (the rest of a drawn overhead)."""
+        warm, idle = self.loop_draws.get(cand, ((0.0,), (0.0,)))
+        draws = idle if cold else warm
+        loop_ms = draws[len(draws) // 4] * LOOP_SHARE
+        return loop_ms, max(0.0, self.rng.choice(draws) - loop_ms)
+
+    def to_loop(self, r: _Replica, cost_ms: float, then: int, payload: Any) -> None:
+        """Queue ``cost_ms`` of work for the replica's event loop (FIFO, sharing the core with
+        the compute thread); ``then`` says what happens once it is done."""
+        r.advance(self.now)
         if not r.ingest:
-            r.head_left = cost
-        r.ingest.append((cost, req))
-        if self.t0 <= now < self.t1:
-            r.busy_ms += cost
+            r.head_left = cost_ms
+        r.ingest.append((cost_ms, then, payload))
+        if self.live(self.now):
+            r.busy_ms += cost_ms
         self.reschedule(r)
+
+    def on_probe_at(self, payload: Any) -> None:
+        """One of the start-up probe's uploads reaches a replica: its loop reads it."""
+        r = self.pick_replica()
+        if self.in_service:
+            loop_ms, _ = self.loop_cost(CLOUD if CLOUD in self.loop_draws else next(
+                iter(self.loop_draws), CLOUD), False)
+            self.to_loop(r, loop_ms * (META_SHARE if payload[1] == 0 else PROBE_SHARE),
+                         _PROBE, payload)
+        else:
+            self.push(self.now + self.probe_down_ms[payload[0]], _PROBED, payload)
+
+    def on_probed(self, payload: Any) -> None:
+        """A probe upload's answer: the next upload, or the estimate and the first plan."""
+        dev, step, sent, samples = payload
+        if step:  # step 0 is the metadata
+            samples.append((PROBE_BYTES[step - 1], self.now - sent))
+        if step < len(PROBE_BYTES):
+            self.push(self.now + self.probe_up_ms[dev][step + 1], _PROBE_AT,
+                      [dev, step + 1, self.now, samples])
+            return
+        self.autos[dev].probe_done(samples)
+        self.on_start(dev)
 
     def on_ingested(self, payload: Any) -> None:
         """The request at the head of the stream is read and decoded: queue it for a batch."""
@@ -362,9 +502,28 @@ class _Sim:
         if version != r.version:
             return
         r.advance(self.now)
-        _, req = r.ingest.popleft()
+        _, then, payload = r.ingest.popleft()
         if r.ingest:
             r.head_left = r.ingest[0][0]
+        if then == _QUEUE:
+            self.enqueue(r, payload)
+        elif then == _DECODE:  # read: decoded in its own thread, as long as the run's took
+            payload[9] = self.now
+            self.push(self.now + payload[10], _DECODED, (r, payload))
+        elif then == _ANSWER:
+            self.answer(*payload)
+        else:
+            self.push(self.now + self.probe_down_ms[payload[0]], _PROBED, payload)
+        self.reschedule(r)
+
+    def on_decoded(self, payload: Any) -> None:
+        """``in_service``: the request's decode is over; queue it for a batch."""
+        r, req = payload
+        r.advance(self.now)
+        self.enqueue(r, req)
+        self.reschedule(r)
+
+    def enqueue(self, r: _Replica, req: _Req) -> None:
         cand = req[1]
         q = r.queues.get(cand)
         if q is None:
@@ -375,7 +534,6 @@ class _Sim:
             self.start_batch(r, cand)
         else:
             self.kick(r)
-        self.reschedule(r)
 
     def on_fill(self, payload: Any) -> None:
         r, version = payload
@@ -400,30 +558,53 @@ class _Sim:
             rows = r.rows_now(key, rows, now)
         r.batch_rows[key] = n if rows is None else rows + _LOAD_ALPHA * (n - rows)
         r.batch_at[key] = now
-        if self.t0 <= now < self.t1:  # the batches the window saw, as /metrics would
+        r.last_batch[key] = n
+        if self.live(now):  # the batches the window saw, as /metrics would
             r.batches += 1
             r.batched += n
         r.inflight -= n
+        if not r.inflight:
+            r.idle_at = now
         self.kick(r)
         self.reschedule(r)
         load = r.load(now, self.inputs.batch_wait_ms, self.profiled) if self.autos else None
-        deadline_ms = self.inputs.timeout_ms
         for enq, req in batch:
-            dev, _, start, photo, awaited = req
             r.queue_ms += _QUEUE_MS_ALPHA * (r.batch_start - enq - r.queue_ms)
             r.server_ms[key] += _SERVER_MS_ALPHA * (
                 self.decode_ms[key] + per_row - r.server_ms[key])
-            done = now + self.proxy_ms + self.down_ms[dev]
+            if self.in_service:  # the loop writes the answer, then the delay besides
+                if req[4]:
+                    self.to_loop(r, req[7], _ANSWER, (r, req, key, per_row, req[6], now))
+                continue
+            extra = self.proxy_ms
             if self.jitter_ms > 0:
-                done += self.rng.expovariate(1.0 / self.jitter_ms)
-            if not awaited or done - start > deadline_ms:
-                continue  # on_timeout finishes it on the device
-            req[4] = False
-            if self.t0 <= done < self.t1:
-                self.answered += 1
-            if load is not None:
-                self.autos[dev].answered(done, load)
-            self.finish(dev, photo, done)
+                extra += self.rng.expovariate(1.0 / self.jitter_ms)
+            self.answer(r, req, key, per_row, extra, None, load)
+
+    def answer(self, r: _Replica, req: _Req, key: str, per_row_ms: float, extra_ms: float,
+               ended: float | None = None, load: dict[str, float] | None = None) -> None:
+        """The service answers ``req``; it reaches the device ``extra_ms`` + the link later
+        (``ended``: when its batch ended, in_service)."""
+        dev, _, start, photo, awaited = req[:5]
+        now = self.now
+        done = now + extra_ms + self.down_ms[dev]
+        if not awaited or done - start > self.inputs.timeout_ms:
+            return  # on_timeout finishes it on the device
+        req[4] = False
+        if self.live(done):
+            self.answered += 1
+        if self.autos:  # what the device's link estimator sees: all but the server
+            if load is None:
+                load = r.load(now, self.inputs.batch_wait_ms, self.profiled)
+            up_ms = self.up_ms[dev][key]
+            if ended is None:
+                network_ms, decode_ms = up_ms + extra_ms + self.down_ms[dev], self.decode_ms[key]
+            else:  # the round trip less the service's timings: the link, the loop's queue
+                network_ms = up_ms + req[9] - req[8] + done - ended
+                decode_ms = req[10]
+            self.autos[dev].answered(done, load, self.inputs.request_bytes.get(key, 0.0),
+                                     network_ms, key, decode_ms + per_row_ms)
+        self.finish(dev, photo, done)
 
     def result(self) -> SimResult:
         window_ms = self.t1 - self.t0

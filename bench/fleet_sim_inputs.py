@@ -57,6 +57,19 @@ class ServiceTimes:
     # Draw each forward pass from the samples (True), or take their median (False): on a
     # shared machine most of the measured spread is other processes' load, not the service's.
     spread: bool = False
+    # True: wall-clock times the service reported in a measured fleet run
+    # (``bench.fleet_sim_served``). They already hold the core's sharing between requests'
+    # work and the compute thread, so decode and ``overhead_draws`` are delays that share no
+    # core in the simulation. False: CPU times measured in-process, which share it.
+    in_service: bool = False
+    # candidate -> batch size -> draws: a request's decode, and its time outside the service's
+    # own timings and the link (HTTP, the event loop's backlog, hand-offs), by the size of the
+    # batch it rode in (the batch size stands for how busy the service was)
+    decode_draws: Mapping[str, Mapping[int, tuple[float, ...]]] = field(default_factory=dict)
+    overhead_draws: Mapping[str, Mapping[int, tuple[float, ...]]] = field(default_factory=dict)
+    # candidate -> one forward pass of a request that found the replica idle (batch size 0 of
+    # decode_draws and overhead_draws: its other two times); see bench.fleet_sim_served.IDLE_S
+    cold_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for cand, sizes in self.batch_ms.items():
@@ -119,7 +132,23 @@ class ServiceTimes:
         return {"service_ms": {c: {str(b): list(xs) for b, xs in sorted(s.items())}
                                for c, s in self.batch_ms.items()},
                 "decode_ms": dict(self.decode_ms), "overhead_ms": self.overhead_ms,
-                "spread": self.spread}
+                "spread": self.spread, "in_service": self.in_service,
+                **({"decode_draws": _sizes_json(self.decode_draws),
+                    "overhead_draws": _sizes_json(self.overhead_draws),
+                    "cold_draws": {c: list(xs) for c, xs in self.cold_draws.items()}}
+                   if self.in_service else {})}
+
+    def by_size(self, draws: Mapping[int, tuple[float, ...]] | None, batch_max: int,
+                default: float) -> list[tuple[float, ...]]:
+        """Index 1..batch_max: the draws of the nearest batch size measured."""
+        if not draws:
+            return [(default,)] * (batch_max + 1)
+        keys = sorted(draws)
+        return [draws[min(keys, key=lambda k: (abs(k - n), k))] for n in range(batch_max + 1)]
+
+
+def _sizes_json(d: Mapping[str, Mapping[int, tuple[float, ...]]]) -> dict[str, Any]:
+    return {c: {str(n): list(xs) for n, xs in sorted(s.items())} for c, s in d.items()}
 
 
 @dataclass(frozen=True)
@@ -147,6 +176,9 @@ class FleetInputs:
     # engine -> mean of an exponential extra delay on top (the spread of that delay: a shared
     # machine's scheduling jitter), fitted with it
     jitter_ms: Mapping[str, float] = field(default_factory=dict)
+    # fleet size -> the emulated devices' own lateness per photo, drawn at the nearest size
+    # measured (bench.fleet_sim_served); empty: none (real devices, each on its own CPU)
+    device_lag_ms: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.period_ms <= 0 or self.batch_max < 1 or self.batch_wait_ms < 0:

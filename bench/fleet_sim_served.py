@@ -1,0 +1,282 @@
+"""The service times a measured fleet run saw, from the service's own answers: the simulation's
+inputs when ``fleet.json`` has them.
+
+    row["served"] = run_summary(result.records, spec, inputs, windows=result.windows)
+    groups = pooled(doc)                                 # {"uvicorn/1": summary, ...}
+    times = service_times(groups["uvicorn/1"])           # what bench.fleet_sim simulates with
+
+Every answer carries what the service spent on it (``timings_ms``: decode, queue, compute) and
+the batch it rode in, and the device timed its round trip (``bench.fleet_device.Record``). Per
+run, as histograms on a log scale (``BINS_PER_DECADE``; counts and exact sums, so runs pool
+exactly):
+
+* ``compute_ms[candidate][batch size]``: one forward pass, counted once per batch;
+* ``decode_ms[candidate][batch size]``: each request's decode (frame unpack, or JPEG decode
+  and crop), by the size of the batch it then rode in;
+* ``overhead_ms[candidate][batch size]``: the round trip less the service's three times and
+  less the emulated link's own time (RTT, the body and ``HTTP_OVERHEAD_BYTES`` up, the answer
+  down): HTTP parsing and answering, the event loop's backlog, thread hand-offs, a proxy;
+* ``queue_ms[candidate][batch size]``: kept to compare with the simulation's, never fed to it;
+* batch size ``0`` stands for a request that found the service idle for ``IDLE_S`` or more
+  (nothing else in flight): such a request is slower in all three of its times (measured:
+  overhead 14-22 ms against 8-9, decode and compute up to twice), likely because the service
+  gives its heap back after 1 s idle (``cloud_server.memory.IdleTrimmer``) and faults it in
+  again, and idle cores' caches are cold (a single device's runs are all of them; from 8
+  devices up, none);
+* ``device_lag_ms[fleet size]``: the emulated device's own lateness per photo, over every
+  photo: how late it started (after the photo, or after its previous answer when busy) plus how
+  far its head's wait overran the profiled head time (asyncio timers on one core shared by N
+  emulated devices). Not the service's, but part of every measured latency; a projection to
+  real devices, each on its own CPU, leaves it out.
+
+These are wall-clock times on the service's own loaded core, taken in the same run as the
+latencies they are checked against, so they already hold the core's sharing between HTTP work,
+decodes and the compute thread, and whatever else the machine ran that minute: the simulation
+takes them as they are (``ServiceTimes.in_service``). They are pooled per engine and replica
+count over all of a document's runs, never per run, and no end-to-end latency enters them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from bench.fleet_sim_inputs import ServiceTimes
+from bench.netem import PROFILES, LinkShape
+from shared.planner import HTTP_OVERHEAD_BYTES, RESPONSE_BYTES
+
+__all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "pooled",
+           "run_summary", "service_times", "summary_json"]
+
+IDLE_S = 1.0  # SPLITSERVE_TRIM_IDLE_S's default: idle this long, the next request runs cold
+BINS_PER_DECADE = 40  # bins 6% wide: a drawn time is within 3% of the one measured
+MIN_BATCHES = 3  # a batch size seen fewer times is interpolated from its neighbours
+DRAWS = 64  # quantiles kept per distribution for the simulation to draw from
+_FLOOR_MS = 0.01
+
+Hist = dict[str, Any]  # {"count": int, "sum_ms": float, "bins": {str(bin): count}}
+
+
+def group_key(engine: str, replicas: int) -> str:
+    """``"uvicorn/1"``: the runs whose answers pool together."""
+    return f"{engine}/{int(replicas)}"
+
+
+def _bin(ms: float) -> int:
+    return round(math.log10(max(ms, _FLOOR_MS)) * BINS_PER_DECADE)
+
+
+def _add(hist: Hist, ms: float) -> None:
+    hist["count"] += 1
+    hist["sum_ms"] += ms
+    key = str(_bin(ms))
+    hist["bins"][key] = hist["bins"].get(key, 0) + 1
+
+
+def _new() -> Hist:
+    return {"count": 0, "sum_ms": 0.0, "bins": {}}
+
+
+def _merge(into: Hist, other: Mapping[str, Any]) -> None:
+    into["count"] += int(other["count"])
+    into["sum_ms"] += float(other["sum_ms"])
+    for key, n in other["bins"].items():
+        into["bins"][key] = into["bins"].get(key, 0) + int(n)
+
+
+def link_ms(link: LinkShape, request_bytes: float) -> float:
+    """What the emulated link alone adds to a round trip (``bench.fleet_device.LinkTransport``):
+    the RTT, the body and its headers up, the answer down.
+
+        >>> round(link_ms(PROFILES["3g"], 19_650), 1)   # 150 + 100 + 3.5
+        253.5
+    """
+    up_ms = (request_bytes + HTTP_OVERHEAD_BYTES) * 8 / link.uplink_bps * 1e3
+    down_ms = RESPONSE_BYTES * 8 / link.downlink_bps * 1e3
+    return link.rtt_ms + up_ms + down_ms
+
+
+def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
+                windows: Sequence[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """One run's answers (``Record``s with the service's timings) in its measuring ``windows``
+    (a policy's rounds pooled on one time line, ``FleetRun.windows``; default ``spec.window``),
+    by arrival, as histograms (module docstring); ``inputs`` (the run's
+    ``bench.fleet_device.FleetInputs``) gives the profiled head times."""
+    windows = tuple(windows or (spec.window,))
+    records = list(records)
+    compute: dict[str, dict[str, Hist]] = {}
+    decode: dict[str, dict[str, Hist]] = {}
+    overhead: dict[str, dict[str, Hist]] = {}
+    queue: dict[str, dict[str, Hist]] = {}
+    batches: set[tuple[str, int, float]] = set()
+    cold = _cold(records, inputs)
+    for i, r in enumerate(records):
+        if not r.served or r.compute_ms is None or not _within(r.done_s, windows):
+            continue
+        cand, n = r.candidate, 0 if i in cold else int(r.batch_size or 1)
+        # every request of a batch reports the batch's compute: count the batch once
+        if (cand, n, r.compute_ms) not in batches:
+            batches.add((cand, n, r.compute_ms))
+            _add(compute.setdefault(cand, {}).setdefault(str(n), _new()), r.compute_ms)
+        _add(decode.setdefault(cand, {}).setdefault(str(n), _new()), r.decode_ms)
+        _add(queue.setdefault(cand, {}).setdefault(str(n), _new()), r.queue_ms)
+        if r.round_trip_ms is not None and r.link in PROFILES:
+            server_ms = r.decode_ms + r.queue_ms + r.compute_ms
+            extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
+            _add(overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
+    return {"compute_ms": compute, "decode_ms": decode, "overhead_ms": overhead,
+            "queue_ms": queue, "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)}}
+
+
+def _cold(records: list[Any], inputs: Any) -> set[int]:
+    """Indices of the answered requests that reached a service with nothing in flight for
+    ``IDLE_S`` (the service's side seen from the device's clock: from the request leaving,
+    plus its link's one-way time, to the answer, less it)."""
+    spans = []
+    for i, r in enumerate(records):
+        if r.served and r.link in PROFILES:
+            one_way_s = PROFILES[r.link].one_way_ms / 1e3
+            sent_s = r.sent_s if r.sent_s is not None else (
+                r.start_s + inputs.head_ms(r.candidate) / 1e3)
+            spans.append((sent_s + one_way_s, r.done_s - one_way_s, i))
+    spans.sort()
+    out, busy_until = set(), -math.inf
+    for arrive_s, leave_s, i in spans:
+        if arrive_s - busy_until >= IDLE_S:
+            out.add(i)
+        busy_until = max(busy_until, leave_s)
+    return out
+
+
+def _within(t: float, windows: Sequence[tuple[float, float]]) -> bool:
+    return any(start <= t < end for start, end in windows)
+
+
+def _lag(records: list[Any], windows: Sequence[tuple[float, float]], inputs: Any) -> Hist:
+    """``device_lag_ms`` (module docstring) over the photos taken in the windows."""
+    hist = _new()
+    by_device: dict[int, list[Any]] = {}
+    for r in records:
+        by_device.setdefault(r.device, []).append(r)
+    for mine in by_device.values():
+        mine.sort(key=lambda r: r.photo_s)
+        free_s = -math.inf
+        for r in mine:
+            due_s = max(r.photo_s, free_s)
+            free_s = r.done_s
+            if not _within(r.photo_s, windows):
+                continue
+            lag_ms = (r.start_s - due_s) * 1e3
+            if r.sent_s is not None:  # the head's wait overran
+                lag_ms += (r.sent_s - r.start_s) * 1e3 - inputs.head_ms(r.candidate)
+            elif not r.served and r.outcome == "ok" and not r.fallback:  # ran on the device
+                lag_ms += (r.done_s - r.start_s) * 1e3 - inputs.head_ms(r.candidate)
+            _add(hist, max(0.0, lag_ms))
+    return hist
+
+
+def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per ``group_key``: ``doc["inputs"]["served"]`` when the document has it pooled, else
+    every run's ``served`` summed."""
+    given = doc.get("inputs", {}).get("served")
+    if given:
+        return {str(k): dict(v) for k, v in given.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for run in doc.get("runs", []):
+        served = run.get("served")
+        if not served:
+            continue
+        group = out.setdefault(group_key(run.get("engine", "uvicorn"), run.get("replicas", 1)),
+                               {"compute_ms": {}, "decode_ms": {}, "overhead_ms": {},
+                                "queue_ms": {}})
+        for part in ("compute_ms", "decode_ms", "overhead_ms", "queue_ms"):
+            for cand, sizes in served.get(part, {}).items():
+                for n, hist in sizes.items():
+                    _merge(group[part].setdefault(cand, {}).setdefault(n, _new()), hist)
+        for n, hist in served.get("device_lag_ms", {}).items():
+            _merge(group.setdefault("device_lag_ms", {}).setdefault(n, _new()), hist)
+    return out
+
+
+def draws(hist: Mapping[str, Any], k: int = DRAWS) -> tuple[float, ...]:
+    """Up to ``k`` equally likely values of a histogram (its quantiles at (i + 0.5) / k, from
+    bin centres), scaled so that their mean is the measured mean: a saturated service's
+    throughput is set by the mean.
+
+        >>> h = {"count": 2, "sum_ms": 30.0, "bins": {}}
+        >>> for ms in (10.0, 20.0):
+        ...     h["bins"][str(_bin(ms))] = h["bins"].get(str(_bin(ms)), 0) + 1
+        >>> [round(x, 1) for x in draws(h)]
+        [10.0, 20.0]
+    """
+    count = int(hist["count"])
+    if count <= 0:
+        raise ValueError("an empty histogram has no draws")
+    cells = sorted((int(b), int(n)) for b, n in hist["bins"].items())
+    k = min(k, count)
+    out, seen, i = [], 0, 0
+    for j in range(k):
+        rank = (j + 0.5) / k * count
+        while seen + cells[i][1] < rank:
+            seen += cells[i][1]
+            i += 1
+        out.append(10 ** (cells[i][0] / BINS_PER_DECADE))
+    mean = float(hist["sum_ms"]) / count
+    scale = mean / (sum(out) / len(out)) if sum(out) > 0 else 1.0
+    return tuple(round(x * scale, 3) for x in out)
+
+
+def service_times(group: Mapping[str, Any]) -> ServiceTimes:
+    """The simulation's ``ServiceTimes`` from one pooled group (``in_service``: the times are
+    taken as they are, with their spread)."""
+    batch_ms = {c: d for c, sizes in group.get("compute_ms", {}).items() if (d := _sized(sizes))}
+    cold = {c: sizes.pop(0) for c, sizes in batch_ms.items() if 0 in sizes}
+    batch_ms = {c: sizes for c, sizes in batch_ms.items() if sizes}
+    decode = {c: d for c, sizes in group.get("decode_ms", {}).items()
+              if c in batch_ms and (d := _sized(sizes))}
+    overhead = {c: d for c, sizes in group.get("overhead_ms", {}).items()
+                if c in batch_ms and (d := _sized(sizes))}
+    return ServiceTimes(batch_ms, {c: _mean(sizes) for c, sizes in decode.items()},
+                        spread=True, in_service=True, decode_draws=decode,
+                        overhead_draws=overhead, cold_draws=cold)
+
+
+def _sized(sizes: Mapping[str, Mapping[str, Any]]) -> dict[int, tuple[float, ...]]:
+    """Draws per batch size, for the sizes seen at least ``MIN_BATCHES`` times (all of them if
+    none was)."""
+    seen = {int(n): h for n, h in sizes.items() if int(h["count"]) > 0}
+    kept = {n: h for n, h in seen.items() if int(h["count"]) >= MIN_BATCHES} or seen
+    return {n: draws(h) for n, h in sorted(kept.items())}
+
+
+def _mean(sizes: Mapping[int, tuple[float, ...]]) -> float:
+    xs = [x for d in sizes.values() for x in d]
+    return sum(xs) / len(xs)
+
+
+def summary_json(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A readable digest of the pooled groups: per candidate, answers, mean decode, overhead
+    and queue ms, and mean compute ms per batch size (with the batches seen)."""
+    out: dict[str, Any] = {}
+    for key, group in groups.items():
+        cands: dict[str, Any] = {}
+        for cand, sizes in group.get("compute_ms", {}).items():
+            row: dict[str, Any] = {"compute_ms_by_batch": {
+                n: [round(h["sum_ms"] / h["count"], 2), h["count"]]
+                for n, h in sorted(sizes.items(), key=lambda kv: int(kv[0])) if h["count"]}}
+            for part in ("decode_ms", "overhead_ms", "queue_ms"):
+                hists = group.get(part, {}).get(cand, {}).values()
+                count = sum(int(h["count"]) for h in hists)
+                if count:
+                    row[part] = round(sum(float(h["sum_ms"]) for h in hists) / count, 2)
+                    row["answers"] = count
+            cands[cand] = row
+        out[key] = cands
+    return out
+
+
+def device_lag(group: Mapping[str, Any]) -> dict[int, tuple[float, ...]]:
+    """The group's ``device_lag_ms`` draws per fleet size (empty without any)."""
+    return {int(n): draws(h) for n, h in group.get("device_lag_ms", {}).items()
+            if int(h["count"]) > 0}
