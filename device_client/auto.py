@@ -52,6 +52,18 @@ the request's path like the planning ahead (after ``observe`` returns, or in ``s
 the fresh figure, divided by the current speed so that the planner's product gives it back,
 replaces the profiled one.
 
+Under a CPU quota (an emulated board, a container) the candidate is costed from its own live runs
+instead (the median of the runs that contradicted it), and nothing is measured again. A quota
+is a duty cycle: a short head that starts with budget left in the period runs at full speed, one
+that starts after the photo's resize has spent it waits for the next period. A profile's rounds,
+and a re-measure's, keep the first kind (a low quantile), a request runs the second: at 0.2 of a
+core with 10 ms periods `_blocks.3` of EfficientNet-Lite0 profiled at 3.7 ms took 12-14 ms in
+every request on a LAN, and a re-measure would say 3.7 ms again, spend ~0.25 s of the device's
+budget, and flag the candidate again three requests later. What a head costs in a request is
+what the requests show. Candidates too cheap to tell the device's speed are checked too, their
+ratios taken on ms (``profile_rules.live_ratio``): that head's 3.7 ms was under the speed's 5 ms
+floor, so no check ever saw it.
+
 ``plan()`` runs just before the chosen candidate, so on a CPU-limited device its own CPU comes
 straight out of the head's budget: costing 27 candidates took 0.4 ms of CPU at 20 % of a core,
 ~2 ms of latency right before the request. So the costing is done ahead, once ``observe`` has
@@ -64,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -74,9 +87,11 @@ from device_client.profile_rules import (
     CONTRADICTION_BOUNDS,
     CONTRADICTION_RUNS,
     contradicted,
+    live_ratio,
     pin_head,
 )
 from device_client.results import InferenceResult
+from shared.cpu import cgroup_quota
 from shared.errors import ServiceUnavailableError, SplitServeError
 from shared.planner import (
     CLOUD,
@@ -122,7 +137,7 @@ class AutoSplit:
                  metadata_ttl_s: float = 30.0, timeout_s: float = 5.0, reprobe_s: float = 300.0,
                  remeasure: Remeasure | None = None, seed: int | None = None,
                  load_half_life_s: float = 2.0, retry_jitter: float = 0.5,
-                 server_half_life_s: float = 10.0,
+                 server_half_life_s: float = 10.0, live_costs: bool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.profile = profile
@@ -164,8 +179,13 @@ class AutoSplit:
         self._probing: asyncio.Task[LinkEstimate | None] | None = None  # a re-probe, idle time
         self._remeasure = remeasure
         self._ratios: dict[str, list[float]] = {}  # live / predicted device ms, last few runs
+        self._live: dict[str, list[tuple[float, float]]] = {}  # (head, encode) ms, last few runs
+        # A contradicted candidate costs its live runs instead of a re-measure: None, when this
+        # process runs under a CPU quota (see the module's docstring).
+        self._live_costs = cgroup_quota() is not None if live_costs is None else live_costs
         self._suspect: str | None = None  # a contradicted candidate waiting to be re-measured
-        self.remeasured: list[str] = []  # candidates measured again, in order (for callers/tests)
+        # Candidates measured again (or costed from their live runs), in order (callers, tests).
+        self.remeasured: list[str] = []
 
     async def plan(self) -> Plan:
         """Choose a candidate now. Never raises for an unreachable service: it plans `device`,
@@ -342,34 +362,48 @@ class AutoSplit:
         self._payload_bytes[result.split] = _ewma(
             self._payload_bytes[result.split], result.bytes_sent)
         profiled_ms = profiled.head_ms + profiled.encode_ms
+        encode_ms = 0.0 if result.split == DEVICE else t.encode
+        live_ms = t.head + encode_ms
+        predicted_ms = profiled_ms * self.speed  # what the plan expected
         if profiled_ms >= _SPEED_MIN_MS:
             low, high = _SPEED_BOUNDS
-            live_ms = t.head + (0.0 if result.split == DEVICE else t.encode)
-            predicted_ms = profiled_ms * self.speed  # what the plan expected
             ratio = min(max(live_ms / profiled_ms, low), high)
             self.speed = _ewma(self.speed, ratio)
-            self._check(result.split, live_ms / predicted_ms)
+        self._check(result.split, live_ratio(live_ms, predicted_ms), (t.head, encode_ms))
 
-    def _check(self, split: str, ratio: float) -> None:
-        """Record one live/predicted ratio; flag the candidate if its runs contradict it."""
+    def _check(self, split: str, ratio: float, live: tuple[float, float]) -> None:
+        """Record one live/predicted ratio and the run's (head, encode) ms; flag the candidate
+        if its runs contradict it."""
         ratios = self._ratios.setdefault(split, [])
         ratios.append(ratio)
         del ratios[:-CONTRADICTION_RUNS]
-        if self._remeasure is not None and self._suspect is None and contradicted(ratios):
+        runs = self._live.setdefault(split, [])
+        runs.append(live)
+        del runs[:-CONTRADICTION_RUNS]
+        if ((self._remeasure is not None or self._live_costs) and self._suspect is None
+                and contradicted(ratios)):
             self._suspect = split
 
     def _remeasure_suspect(self) -> None:
-        """Measure the contradicted candidate again and put the figure in the profile, in the
-        profile's units (the planner multiplies by ``speed``). Runs when the device is idle."""
+        """Measure the contradicted candidate again (under a CPU quota: take its live runs) and
+        put the figure in the profile, in the profile's units (the planner multiplies by
+        ``speed``). Runs when the device is idle."""
         split, self._suspect = self._suspect, None
-        if split is None or self._remeasure is None:
+        if split is None:
             return
-        try:
-            fresh = self._remeasure(split)
-        except SplitServeError:
-            return  # keep the profiled figure; its next contradicted runs will try again
+        if self._live_costs:
+            fresh = _from_runs(split, self._live.get(split, []),
+                               round(self._payload_bytes[split]))
+        elif self._remeasure is None:
+            return
+        else:
+            try:
+                fresh = self._remeasure(split)
+            except SplitServeError:
+                return  # keep the profiled figure; its next contradicted runs will try again
         self.profile = _with_fresh(self.profile, fresh, self.speed)
         self._ratios.pop(split, None)
+        self._live.pop(split, None)
         self._device_view = None
         self.remeasured.append(split)
 
@@ -439,6 +473,12 @@ class AutoSplit:
         self._probing = None
         if not task.cancelled():
             task.exception()  # retrieved: _probe() already turned failures into None
+
+
+def _from_runs(split: str, runs: list[tuple[float, float]], payload_bytes: int) -> DeviceCost:
+    """A candidate's cost from its last live runs, (head, encode) ms each: the median of each."""
+    return DeviceCost(split, statistics.median(h for h, _ in runs),
+                      statistics.median(e for _, e in runs), payload_bytes)
 
 
 def _with_fresh(profile: DeviceProfile, fresh: DeviceCost, speed: float) -> DeviceProfile:

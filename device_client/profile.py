@@ -6,7 +6,9 @@ for ``device`` the whole model; for ``cloud`` the JPEG encode and size. All on a
 
 Every candidate is timed in the same rounds, one run of each per round (``interleaved_ms``), and
 its figure is a low quantile of its runs: a burst of load then costs every candidate one slow
-run that the quantile drops, instead of every run of whichever head was being measured. Each
+run that the quantile drops, instead of every run of whichever head was being measured. Under a
+CPU quota it is the median instead (``profile_rules.candidate_ms``): there a run that started
+with the period's budget left goes at full speed, and the low quantile kept only those. Each
 run's time leaves out what the kernel reports its threads spent waiting for a CPU another
 process held (unless a CPU quota applies: then that wait is the device's own budget), so a
 busy neighbour does not make the device look slow; auto learns the live slow-down at run time. Heads
@@ -39,20 +41,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 
 from device_client.options import EncodeOptions
-from device_client.profile_rules import monotone_heads
+from device_client.profile_rules import candidate_ms, monotone_heads
 from shared.candidates import CLOUD, DEVICE
 from shared.cpu import cgroup_quota
 from shared.errors import ConfigError
 from shared.planner import DeviceCost, DeviceProfile
 from shared.preprocess import center_crop, encode_jpeg, reference_photo
-from shared.timing import interleaved_ms, low_quantile, no_waits, runqueue_waits_ms
+from shared.timing import interleaved_ms, no_waits, runqueue_waits_ms
 
 __all__ = ["FORMAT", "QUANTILE", "REPEATS", "ProfileKey", "ProfiledRuntime", "cache_dir",
            "load_or_measure", "measure", "measure_candidate"]
 
 CACHE_ENV = "SPLITSERVE_CACHE_DIR"
-FORMAT = 3  # bump when the cached JSON, or how it is measured, changes: older files are ignored
-QUANTILE = 0.2  # of each candidate's runs: see shared.timing.low_quantile
+FORMAT = 4  # bump when the cached JSON, or how it is measured, changes: older files are ignored
+QUANTILE = 0.2  # of each candidate's runs (no CPU quota): see shared.timing.low_quantile
 # Rounds of timed runs: the 20th percentile of 10 lies between the 2nd and 3rd fastest, so two
 # slow runs of a candidate never reach its figure. ~4 s for EfficientNet-Lite0 at one thread.
 REPEATS = 10
@@ -188,9 +190,11 @@ def _measure(runtime: ProfiledRuntime, points: Sequence[Any], *, options: Encode
         fn()  # one untimed round: first calls pay lazy allocations
     # Under a CPU quota (an emulated board, a container) the waits are the device's own budget,
     # not neighbours' load: the kernel counts throttled time as run-queue waiting, so keep it.
-    waits = runqueue_waits_ms if cgroup_quota() is None else no_waits
+    quota = cgroup_quota()
+    waits = runqueue_waits_ms if quota is None else no_waits
     samples = interleaved_ms(fns, repeats=repeats, waits=waits)
-    ms = {name: low_quantile(runs, QUANTILE) for name, runs in samples.items()}
+    ms = {name: candidate_ms(runs, quota=quota, quantile=QUANTILE)
+          for name, runs in samples.items()}
     whole_ms = ms[DEVICE]
     heads = monotone_heads([ms[_head(p.name)] for p in points], whole_ms)
     costs = [DeviceCost(DEVICE, whole_ms, 0.0, 0), DeviceCost(CLOUD, 0.0, ms[CLOUD], sizes[CLOUD])]
@@ -237,7 +241,8 @@ def _read(path: Path, key: ProfileKey) -> DeviceProfile | None:
 
 def _write(path: Path, key: ProfileKey, profile: DeviceProfile, *, repeats: int) -> None:
     doc = {"format": FORMAT, "key": asdict(key), "measured_at": time.time(),
-           "repeats": repeats, "quantile": QUANTILE, "costs": [asdict(c) for c in profile.costs]}
+           "repeats": repeats, "quantile": QUANTILE if key.cpu_quota is None else 0.5,
+           "costs": [asdict(c) for c in profile.costs]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

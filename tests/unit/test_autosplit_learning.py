@@ -35,7 +35,7 @@ def _learn(results: list[InferenceResult]) -> AutoSplit:
         async with ServiceClient("http://s.test",
                                  transport=httpx.MockTransport(lambda r: httpx.Response(500))
                                  ) as client:
-            auto = AutoSplit(client, PROFILE)
+            auto = AutoSplit(client, PROFILE, live_costs=False)  # whatever quota CI runs under
             for result in results:
                 auto.observe(result)
             return auto
@@ -233,7 +233,7 @@ def test_on_the_device_the_reprobe_happens_after_a_request_not_on_its_path() -> 
 
 
 def _contradicted(results: list[InferenceResult], fresh: DeviceCost,
-                  remeasured: list[str]) -> AutoSplit:
+                  remeasured: list[str], *, live_costs: bool = False) -> AutoSplit:
     def remeasure(split: str) -> DeviceCost:
         remeasured.append(split)
         return replace(fresh, split=split)
@@ -242,7 +242,7 @@ def _contradicted(results: list[InferenceResult], fresh: DeviceCost,
         async with ServiceClient("http://s.test",
                                  transport=httpx.MockTransport(lambda r: httpx.Response(500))
                                  ) as client:
-            auto = AutoSplit(client, PROFILE, remeasure=remeasure)
+            auto = AutoSplit(client, PROFILE, remeasure=remeasure, live_costs=live_costs)
             for result in results:
                 auto.observe(result)
                 assert not remeasured  # never inside observe: the request's path
@@ -291,6 +291,41 @@ def test_a_contradicted_whole_model_caps_every_head() -> None:
 def test_without_a_remeasure_hook_nothing_is_measured() -> None:
     auto = _learn([_result("mid", 298.0, 2.0, sent=10_000)] * 5)
     assert auto.remeasured == [] and auto.profile is PROFILE
+
+
+def test_under_a_quota_a_contradicted_cheap_head_costs_its_live_runs() -> None:
+    # bench latency, lan: `_blocks.3` profiled at 3.7 ms (a run that started with the quota's
+    # budget left) took 12-14 ms in every request at 0.2 of a core; auto kept choosing it.
+    remeasured: list[str] = []
+    runs = [_result("early", ms, enc, sent=200_000) for ms, enc in
+            ((12.0, 0.6), (14.0, 0.5), (13.0, 0.7))]
+    auto = _contradicted(runs, DeviceCost("early", 1.0, 1.0, 1), remeasured, live_costs=True)
+    assert remeasured == []  # no re-measure: it would find the budget's luck again
+    assert auto.remeasured == ["early"]
+    assert auto.speed == 1.0  # too cheap in the profile to tell the device's speed
+    seen = auto.device_profile()
+    assert seen.cost("early").head_ms == pytest.approx(13.0)  # the median of the runs
+    assert seen.cost("early").encode_ms == pytest.approx(0.6)
+    assert seen.cost("mid").head_ms == pytest.approx(50.0)  # later heads: no less, as before
+    heads = [c.head_ms for c in auto.profile.costs if c.split not in (DEVICE, CLOUD)]
+    assert heads == sorted(heads)
+
+
+def test_under_a_quota_small_scatter_of_cheap_candidates_leaves_the_profile_alone() -> None:
+    remeasured: list[str] = []
+    # `cloud`'s 1 ms JPEG encode taking 2 ms, `early`'s 2 ms taking 4: noise, not a pattern.
+    runs = ([_result(CLOUD, 0.0, 2.0, sent=20_000)] * 5
+            + [_result("early", 2.5, 1.5, sent=200_000)] * 5)
+    auto = _contradicted(runs, DeviceCost("early", 1.0, 1.0, 1), remeasured, live_costs=True)
+    assert remeasured == [] and auto.remeasured == [] and auto.profile == PROFILE
+
+
+def test_without_a_quota_a_contradicted_cheap_head_is_measured_again() -> None:
+    remeasured: list[str] = []
+    auto = _contradicted([_result("early", 13.0, 0.6, sent=200_000)] * 3,
+                         DeviceCost("early", 9.0, 0.6, 200_000), remeasured)
+    assert remeasured == ["early"]
+    assert auto.device_profile().cost("early").head_ms == pytest.approx(9.0)
 
 
 # --- the service's speed, from its answers --------------------------------------------------------

@@ -7,7 +7,13 @@ import threading
 
 import pytest
 
-from device_client.profile_rules import contradicted, monotone_heads, pin_head
+from device_client.profile_rules import (
+    candidate_ms,
+    contradicted,
+    live_ratio,
+    monotone_heads,
+    pin_head,
+)
 from shared.timing import interleaved_ms, low_quantile, no_waits
 
 
@@ -119,3 +125,26 @@ def test_contradicted_takes_its_own_bounds() -> None:
     assert contradicted([1.3, 1.4], runs=2, bounds=(0.8, 1.25))
     with pytest.raises(ValueError):
         contradicted([1.0], runs=0)
+
+
+def test_under_a_quota_a_candidate_costs_its_median_run_not_its_lucky_ones() -> None:
+    # bench latency at 0.2 of a core: `_blocks.1` ran in 2 ms (budget left) or 10-20 ms.
+    runs = [2.0, 12.0, 15.0, 2.0, 17.0, 11.0, 19.0, 2.0, 14.0, 12.0]
+    assert candidate_ms(runs, quota=None, quantile=0.2) == pytest.approx(2.0)
+    assert candidate_ms(runs, quota=0.2, quantile=0.2) == pytest.approx(12.0)
+    with pytest.raises(ValueError):
+        candidate_ms([], quota=0.2, quantile=0.2)
+
+
+@pytest.mark.parametrize(("live", "predicted", "expected"), [
+    (13.0, 3.7, 14.0 / 4.7),  # a short head profiled with budget left
+    (1.2, 0.5, 2.2 / 1.5),  # a sub-ms encode: noise, under 2x
+    (300.0, 52.0, 301.0 / 53.0),  # a long head: the floor hardly matters
+], ids=["cheap-head", "sub-ms", "long-head"])
+def test_live_ratio_is_taken_on_ms(live: float, predicted: float, expected: float) -> None:
+    assert live_ratio(live, predicted) == pytest.approx(expected)
+
+
+def test_live_ratio_refuses_negative_times() -> None:
+    with pytest.raises(ValueError):
+        live_ratio(-1.0, 2.0)
