@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from cloud_server.backend import BACKENDS, Backend
 from cloud_server.backend_torch import TorchBackend
+from cloud_server.costs import ServerCosts
 from shared import codec_torch, wire
 from shared.candidates import WHOLE_MODEL
 from shared.errors import BundleMismatchError, ConfigError
@@ -36,8 +36,6 @@ __all__ = ["ModelRuntime", "keep_freed_memory", "load_runtime"]
 
 log = logging.getLogger("cloud_server")
 
-_EWMA_ALPHA = 0.1  # live traffic refreshes the start-up profile slowly: one outlier moves 10%
-
 # glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's ceiling for it on 64-bit (HEAP_MAX_SIZE / 2)
@@ -56,10 +54,14 @@ class ModelRuntime:
     points: list[SplitPoint]
     backend: Backend  # runs the tails and the whole model (cloud_server.backend)
     partitioner: Partitioner
-    # Decode + compute at batch 1 in ms, per split point name and for WHOLE_MODEL; profiled at
-    # start-up, then refreshed from live traffic.
-    server_ms: dict[str, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Decode + compute of a lone request, per split point name and for WHOLE_MODEL: profiled at
+    # start-up, kept current by live traffic (cloud_server/costs.py).
+    costs: ServerCosts = field(default_factory=ServerCosts, repr=False)
+
+    @property
+    def server_ms(self) -> dict[str, float]:
+        """What a lone request for each split point (and WHOLE_MODEL) costs now, in ms."""
+        return self.costs.figures()
 
     def point(self, key: str) -> SplitPoint:
         """A split point by name or index; raises UnknownSplitPointError."""
@@ -95,11 +97,10 @@ class ModelRuntime:
         runtime's backend."""
         return self.backend.run(key, inputs)
 
-    def observe(self, key: str, ms: float) -> None:
-        """Fold one live request's decode + compute time into the published profile."""
-        with self._lock:
-            old = self.server_ms.get(key)
-            self.server_ms[key] = ms if old is None else old + _EWMA_ALPHA * (ms - old)
+    def observe(self, key: str, ms: float, *, alone: bool) -> None:
+        """Fold one answered request's decode + compute per row into the published figures;
+        ``alone``: its forward pass held no other request (``ServerCosts.observe``)."""
+        self.costs.observe(key, ms, alone=alone)
 
     def profile(self, repeats: int) -> None:
         """Measure decode + tail at batch 1 for every split point, and decode + whole model.
@@ -131,8 +132,7 @@ class ModelRuntime:
                 self.run(point.name, inputs)
 
             measured[point.name] = median_ms(step, repeats=repeats)
-        with self._lock:
-            self.server_ms.update(measured)
+        self.costs.set_profile(measured)
 
 
 def keep_freed_memory() -> bool:
