@@ -97,10 +97,10 @@ class ModelRuntime:
         runtime's backend."""
         return self.backend.run(key, inputs)
 
-    def observe(self, key: str, ms: float, *, alone: bool) -> None:
-        """Fold one answered request's decode + compute per row into the published figures;
+    def observe(self, key: str, *, decode_ms: float, compute_ms: float, alone: bool) -> None:
+        """Fold one answered request's decode and compute per row into the published figures;
         ``alone``: its forward pass held no other request (``ServerCosts.observe``)."""
-        self.costs.observe(key, ms, alone=alone)
+        self.costs.observe(key, decode_ms=decode_ms, compute_ms=compute_ms, alone=alone)
 
     def profile(self, repeats: int) -> None:
         """Measure decode + tail at batch 1 for every split point, and decode + whole model.
@@ -114,10 +114,11 @@ class ModelRuntime:
         x = preprocess(image, self.spec.preprocessing)
         jpeg = encode_jpeg(image)
 
-        def whole() -> None:
-            self.run(WHOLE_MODEL, (self.decode_image(jpeg),))
-
-        measured = {WHOLE_MODEL: median_ms(whole, repeats=repeats)}
+        # Decode and compute apart: live traffic moves them differently (cloud_server/costs.py).
+        x_jpeg = self.decode_image(jpeg)
+        decode_ms = {WHOLE_MODEL: median_ms(lambda: self.decode_image(jpeg), repeats=repeats)}
+        compute_ms = {WHOLE_MODEL: median_ms(lambda: self.run(WHOLE_MODEL, (x_jpeg,)),
+                                             repeats=repeats)}
         for point in self.points:
             head, _ = self.partitioner.split(point)
             with torch.inference_mode():
@@ -126,13 +127,18 @@ class ModelRuntime:
                 model=self.name, fingerprint=self.fingerprint, split=point.name,
                 request_id="profile", tensors=tuple(codec_torch.encode_tensor(a) for a in acts)))
 
-            def step(frame: bytes = frame, point: SplitPoint = point) -> None:
-                _, inputs, _ = self.decode_frame(frame, point, max_frame_bytes=len(frame) + 1,
-                                                 max_batch=1)
-                self.run(point.name, inputs)
+            def decode(frame: bytes = frame, point: SplitPoint = point
+                       ) -> tuple[torch.Tensor, ...]:
+                return self.decode_frame(frame, point, max_frame_bytes=len(frame) + 1,
+                                         max_batch=1)[1]
 
-            measured[point.name] = median_ms(step, repeats=repeats)
-        self.costs.set_profile(measured)
+            def compute(name: str = point.name, inputs: tuple[torch.Tensor, ...] = decode()
+                        ) -> None:
+                self.run(name, inputs)
+
+            decode_ms[point.name] = median_ms(decode, repeats=repeats)
+            compute_ms[point.name] = median_ms(compute, repeats=repeats)
+        self.costs.set_profile(decode_ms=decode_ms, compute_ms=compute_ms)
 
 
 def keep_freed_memory() -> bool:

@@ -195,8 +195,9 @@ def _observe(runtime: ModelRuntime, key: str, rows: int, decode_ms: float,
              result: BatchResult) -> None:
     """What the request cost the service per row: its own decode, its rows' share of the
     forward pass. Alone in its pass, that is what the next lone request would cost."""
-    per_row_ms = decode_ms / rows + result.compute_ms / max(result.batch_rows, 1)
-    runtime.observe(key, per_row_ms, alone=result.batch_size == 1)
+    runtime.observe(key, decode_ms=decode_ms / rows,
+                    compute_ms=result.compute_ms / max(result.batch_rows, 1),
+                    alone=result.batch_size == 1)
 
 
 def _timeout_s(service: Service, timeout_ms: float | None) -> float:
