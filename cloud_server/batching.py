@@ -59,6 +59,7 @@ class BatchResult:
     queue_ms: float
     compute_ms: float
     batch_size: int  # requests in the forward pass that answered this one
+    batch_rows: int = 1  # rows in that forward pass (a request may carry several)
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ class Batcher:
             offset += item.rows
             if not item.future.done():
                 item.future.set_result(BatchResult(
-                    part, (start - item.enqueued) * 1e3, compute_s * 1e3, len(batch)))
+                    part, (start - item.enqueued) * 1e3, compute_s * 1e3, len(batch), rows))
 
     def _learn(self, key: Hashable, rows: int, compute_ms: float) -> None:
         per_row_ms = compute_ms / max(rows, 1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from cloud_server.backend import BACKENDS, Backend
 from cloud_server.backend_torch import TorchBackend
+from cloud_server.costs import ServerCosts
 from shared import codec_torch, wire
 from shared.candidates import WHOLE_MODEL
 from shared.errors import BundleMismatchError, ConfigError
@@ -36,8 +36,6 @@ __all__ = ["ModelRuntime", "keep_freed_memory", "load_runtime"]
 
 log = logging.getLogger("cloud_server")
 
-_EWMA_ALPHA = 0.1  # live traffic refreshes the start-up profile slowly: one outlier moves 10%
-
 # glibc mallopt parameters (malloc.h) and the values keep_freed_memory sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's ceiling for it on 64-bit (HEAP_MAX_SIZE / 2)
@@ -56,10 +54,14 @@ class ModelRuntime:
     points: list[SplitPoint]
     backend: Backend  # runs the tails and the whole model (cloud_server.backend)
     partitioner: Partitioner
-    # Decode + compute at batch 1 in ms, per split point name and for WHOLE_MODEL; profiled at
-    # start-up, then refreshed from live traffic.
-    server_ms: dict[str, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Decode + compute of a lone request, per split point name and for WHOLE_MODEL: profiled at
+    # start-up, kept current by live traffic (cloud_server/costs.py).
+    costs: ServerCosts = field(default_factory=ServerCosts, repr=False)
+
+    @property
+    def server_ms(self) -> dict[str, float]:
+        """What a lone request for each split point (and WHOLE_MODEL) costs now, in ms."""
+        return self.costs.figures()
 
     def point(self, key: str) -> SplitPoint:
         """A split point by name or index; raises UnknownSplitPointError."""
@@ -95,11 +97,10 @@ class ModelRuntime:
         runtime's backend."""
         return self.backend.run(key, inputs)
 
-    def observe(self, key: str, ms: float) -> None:
-        """Fold one live request's decode + compute time into the published profile."""
-        with self._lock:
-            old = self.server_ms.get(key)
-            self.server_ms[key] = ms if old is None else old + _EWMA_ALPHA * (ms - old)
+    def observe(self, key: str, *, decode_ms: float, compute_ms: float, alone: bool) -> None:
+        """Fold one answered request's decode and compute per row into the published figures;
+        ``alone``: its forward pass held no other request (``ServerCosts.observe``)."""
+        self.costs.observe(key, decode_ms=decode_ms, compute_ms=compute_ms, alone=alone)
 
     def profile(self, repeats: int) -> None:
         """Measure decode + tail at batch 1 for every split point, and decode + whole model.
@@ -113,10 +114,11 @@ class ModelRuntime:
         x = preprocess(image, self.spec.preprocessing)
         jpeg = encode_jpeg(image)
 
-        def whole() -> None:
-            self.run(WHOLE_MODEL, (self.decode_image(jpeg),))
-
-        measured = {WHOLE_MODEL: median_ms(whole, repeats=repeats)}
+        # Decode and compute apart: live traffic moves them differently (cloud_server/costs.py).
+        x_jpeg = self.decode_image(jpeg)
+        decode_ms = {WHOLE_MODEL: median_ms(lambda: self.decode_image(jpeg), repeats=repeats)}
+        compute_ms = {WHOLE_MODEL: median_ms(lambda: self.run(WHOLE_MODEL, (x_jpeg,)),
+                                             repeats=repeats)}
         for point in self.points:
             head, _ = self.partitioner.split(point)
             with torch.inference_mode():
@@ -125,14 +127,18 @@ class ModelRuntime:
                 model=self.name, fingerprint=self.fingerprint, split=point.name,
                 request_id="profile", tensors=tuple(codec_torch.encode_tensor(a) for a in acts)))
 
-            def step(frame: bytes = frame, point: SplitPoint = point) -> None:
-                _, inputs, _ = self.decode_frame(frame, point, max_frame_bytes=len(frame) + 1,
-                                                 max_batch=1)
-                self.run(point.name, inputs)
+            def decode(frame: bytes = frame, point: SplitPoint = point
+                       ) -> tuple[torch.Tensor, ...]:
+                return self.decode_frame(frame, point, max_frame_bytes=len(frame) + 1,
+                                         max_batch=1)[1]
 
-            measured[point.name] = median_ms(step, repeats=repeats)
-        with self._lock:
-            self.server_ms.update(measured)
+            def compute(name: str = point.name, inputs: tuple[torch.Tensor, ...] = decode()
+                        ) -> None:
+                self.run(name, inputs)
+
+            decode_ms[point.name] = median_ms(decode, repeats=repeats)
+            compute_ms[point.name] = median_ms(compute, repeats=repeats)
+        self.costs.set_profile(decode_ms=decode_ms, compute_ms=compute_ms)
 
 
 def keep_freed_memory() -> bool:

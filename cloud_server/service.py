@@ -123,9 +123,12 @@ class Service:
     def load(self, runtime: ModelRuntime) -> LoadBody:
         """The ``load`` of answers and metadata: the expected wait of a request for ``runtime``
         sent now, for the whole model and for each tail (``Batcher.wait_ms``)."""
-        profiled = {(name, key): ms for name, rt in self.runtimes.items()
-                    for key, ms in dict(rt.server_ms).items()}
-        wait = self.batcher.wait_ms(lambda key: profiled.get(cast(tuple[str, str], key)))
+        def row_ms(key: Hashable) -> float | None:  # a queued key the batcher has not run
+            model, split = cast(tuple[str, str], key)
+            rt = self.runtimes.get(model)
+            return None if rt is None else rt.costs.figure(split)
+
+        wait = self.batcher.wait_ms(row_ms)
         own = {cast(tuple[str, str], key)[1]: ms for key, ms in wait.extra_ms.items()
                if cast(tuple[str, str], key)[0] == runtime.name}
         return LoadBody(

@@ -98,7 +98,8 @@ class SplitPointBody(BaseModel):
     tensors: list[TensorBody]
     float32_bytes: int = Field(ge=0, description="Per sample, before quantization and compression")
     server_ms: Ms | None = Field(
-        None, description="Decode + tail at batch 1, measured at start-up, refreshed live")
+        None, description="Decode + tail of a lone request now: the start-up profile moved by "
+                          "the service's live speed, or this split's own recent lone requests")
 
 
 class LoadBody(BaseModel):
@@ -124,7 +125,8 @@ class ModelMetadata(BaseModel):
     fingerprint: str = Field(description="Hash of the served weights; frames must carry it")
     preprocessing: dict[str, Any]
     server_ms: Ms | None = Field(
-        None, description="JPEG decode + whole model at batch 1 (the `cloud` candidate)")
+        None, description="JPEG decode + whole model of a lone request now (the `cloud` "
+                          "candidate; as a split point's server_ms)")
     queue_ms: Ms = Field(0.0, description="Recent mean time requests waited for a batch")
     load: LoadBody | None = Field(None, description="The load now (absent from older services)")
     split_points: list[SplitPointBody]

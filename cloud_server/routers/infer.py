@@ -18,6 +18,7 @@ import torch
 from fastapi import APIRouter, Header, Query, Request, Security
 from pydantic import ValidationError
 
+from cloud_server.batching import BatchResult
 from cloud_server.errors import status_for
 from cloud_server.middleware import bearer
 from cloud_server.runtime import ModelRuntime
@@ -147,7 +148,7 @@ async def infer_oip(model: str, request: Request, service: ServiceDep,
         result = await service.submit(runtime, WHOLE_MODEL, (x,),
                                       timeout_s=_timeout_s(service, timeout_ms))
         _require_finite(result.output)
-        runtime.observe(WHOLE_MODEL, decode_ms + result.compute_ms / result.batch_size)
+        _observe(runtime, WHOLE_MODEL, x.shape[0], decode_ms, result)
         logits = result.output.float()
         return OipResponse(
             model_name=runtime.name, model_version=runtime.fingerprint, id=oip.id or "",
@@ -177,7 +178,7 @@ async def _answer(service: Service, runtime: ModelRuntime, key: str,
                   k: int, timeout_ms: float | None) -> InferResponse:
     result = await service.submit(runtime, key, inputs, timeout_s=_timeout_s(service, timeout_ms))
     _require_finite(result.output)
-    runtime.observe(key, decode_ms + result.compute_ms / result.batch_size)
+    _observe(runtime, key, inputs[0].shape[0], decode_ms, result)
     labels = {"model": runtime.name, "split": key}
     service.metrics.decode_seconds.labels(**labels).observe(decode_ms / 1e3)
     return InferResponse(
@@ -188,6 +189,15 @@ async def _answer(service: Service, runtime: ModelRuntime, key: str,
         timings_ms=TimingsBody(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),
                                compute=round(result.compute_ms, 3)),
         batch_size=result.batch_size, load=service.load(runtime))
+
+
+def _observe(runtime: ModelRuntime, key: str, rows: int, decode_ms: float,
+             result: BatchResult) -> None:
+    """What the request cost the service per row: its own decode, its rows' share of the
+    forward pass. Alone in its pass, that is what the next lone request would cost."""
+    runtime.observe(key, decode_ms=decode_ms / rows,
+                    compute_ms=result.compute_ms / max(result.batch_rows, 1),
+                    alone=result.batch_size == 1)
 
 
 def _timeout_s(service: Service, timeout_ms: float | None) -> float:
