@@ -35,7 +35,7 @@ come back together.
 The service's costs drift too: its core may be shared, and the metadata's figures mix the
 start-up profile (a candidate nobody has sent) with live averages (one that is sent), refreshed
 every ``metadata_ttl_s``. Every answer reports what the request cost the service (decode +
-compute per row of its batch, the figure the service itself averages into the metadata), so
+compute per row of its batch; the service averages its lone requests into the metadata), so
 the device keeps a service speed: that over the metadata's figure for the candidate answered
 (smoothed, within ``_SERVER_BOUNDS``), and scales every figure of the service's by it, decaying
 towards 1 as it ages (half-life ``server_half_life_s``), as the load does. ``bench fleet`` saw
