@@ -84,8 +84,8 @@ class ServerCosts:
         if not all(0 <= ms < math.inf for ms in (decode_ms, compute_ms)):
             return
         now = self._clock()
-        profiled = key in self._decode and key in self._compute
         with self._lock:
+            profiled = key in self._decode and key in self._compute
             if profiled:
                 extra = self._fade_to_zero(self._extra_ms, self._extra_at, now)
                 sample = min(_EXTRA_MAX_MS, decode_ms - self._decode[key])

@@ -32,16 +32,16 @@ happens with a probability that grows with the gain, drawn per plan. A 503 with
 stretched by a random fraction up to ``retry_jitter`` so that a fleet refused together does not
 come back together.
 
-The service's costs drift too: its core may be shared, and the metadata's figures mix the
-start-up profile (a candidate nobody has sent) with live averages (one that is sent), refreshed
-every ``metadata_ttl_s``. Every answer reports what the request cost the service (decode +
-compute per row of its batch; the service averages its lone requests into the metadata), so
-the device keeps a service speed: that over the metadata's figure for the candidate answered
-(smoothed, within ``_SERVER_BOUNDS``), and scales every figure of the service's by it, decaying
-towards 1 as it ages (half-life ``server_half_life_s``), as the load does. ``bench fleet`` saw
-why: at N=1, on a minute when the service ran ~10x slower than its profile, auto kept
-``_blocks.0`` (~170 ms a photo) over ``device`` (130 ms) for all 16 photos of a run shorter than
-the metadata's TTL, although every answer said what the service had spent on it.
+The service's costs drift too: its core may be shared, and the metadata's figures (what a lone
+request for each candidate costs, ``cloud_server.costs``) are refreshed only every
+``metadata_ttl_s``. Every answer reports what the request cost the service (decode + compute),
+so the device keeps a service speed: a lone answer's cost over the metadata's figure for the
+candidate answered (batched answers are skipped: a row's share of a pass is cheaper than a lone
+request), smoothed, within ``_SERVER_BOUNDS``, and scales every figure of the service's by it,
+decaying towards 1 as it ages (half-life ``server_half_life_s``), as the load does.
+``bench fleet`` saw why: at N=1, on a minute when the service ran ~10x slower than its profile,
+auto kept ``_blocks.0`` (~170 ms a photo) over ``device`` (130 ms) for all 16 photos of a run
+shorter than the metadata's TTL, although every answer said what the service had spent on it.
 
 A profile can be wrong about one candidate: measured while something else ran, its head may be
 10x too dear or too cheap next to the others, and one speed factor cannot fix that. So each
@@ -114,11 +114,12 @@ _SPEED_MIN_MS = 5.0  # a candidate this cheap on the device says little about it
 _SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the factor this far
 # A service on a shared core ran 10x slower than its start-up profile (bench fleet, N=1); one
 # answer moves the service speed halfway to what it saw. Within CONTRADICTION_BOUNDS (0.5-2x) of
-# the metadata's figure an answer counts as agreeing: the metadata's figures mix a start-up
-# profile with live averages and one answer scatters that much, and scaling every candidate by
-# such a ratio would only add noise (it moved near-tied LTE devices off `cloud` at N=32).
+# the metadata's figure an answer counts as agreeing: one answer scatters that much around a
+# figure refreshed every 30 s, and scaling every candidate by such a ratio would only add noise
+# (it moved near-tied LTE devices off `cloud` at N=32; tuned before cloud_server.costs).
 _SERVER_BOUNDS = (0.2, 20.0)
 _SERVER_ALPHA = 0.5
+_REMEASURED_KEPT = 64  # ``remeasured`` keeps the latest: a device may live for months
 
 Remeasure = Callable[[str], DeviceCost]  # a candidate -> its cost measured again, now
 
@@ -273,17 +274,19 @@ class AutoSplit:
         return 1.0 + (self.server_speed - 1.0) * weight
 
     def _observe_server(self, split: str) -> None:
-        """Fold the latest answer's cost to the service into its speed: decode + compute per
-        row (the service's own per-request figure) over the metadata's figure for ``split``."""
+        """Fold the latest answer's cost to the service into its speed: decode + compute of a
+        lone request over the metadata's figure for ``split`` (which is a lone request's cost,
+        ``cloud_server.costs``). A batched answer says nothing about that: its row's share of
+        the pass is cheaper, and counting it would make a busy service look fast."""
         client = self.client
         if client.replies_seen == self._replies_seen or client.last_reply is None:
             return
         self._replies_seen = client.replies_seen
         reply = client.last_reply
         published_ms = None if self._server is None else self._server.ms(split)
-        if not published_ms:
+        if not published_ms or reply.batch_size != 1:
             return
-        live_ms = reply.decode_ms + reply.compute_ms / max(1, reply.batch_size)
+        live_ms = reply.decode_ms + reply.compute_ms
         low, high = _SERVER_BOUNDS
         now = self._server_speed_now()
         sample = min(max(live_ms / published_ms, low), high)
@@ -406,6 +409,7 @@ class AutoSplit:
         self._live.pop(split, None)
         self._device_view = None
         self.remeasured.append(split)
+        del self.remeasured[:-_REMEASURED_KEPT]
 
     async def _server_profile(self) -> ServerProfile | None:
         """The service's costs: fetched and waited for the first time and after a failure,

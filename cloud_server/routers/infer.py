@@ -197,7 +197,7 @@ def _observe(runtime: ModelRuntime, key: str, rows: int, decode_ms: float,
     forward pass. Alone in its pass, that is what the next lone request would cost."""
     runtime.observe(key, decode_ms=decode_ms / rows,
                     compute_ms=result.compute_ms / max(result.batch_rows, 1),
-                    alone=result.batch_size == 1)
+                    alone=result.batch_rows == 1)
 
 
 def _timeout_s(service: Service, timeout_ms: float | None) -> float:

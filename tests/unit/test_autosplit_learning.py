@@ -332,7 +332,7 @@ def test_without_a_quota_a_contradicted_cheap_head_is_measured_again() -> None:
 
 
 def test_a_service_slower_than_its_metadata_says_is_planned_around_then_tried_again() -> None:
-    compute_ms, clock = [300.0], _Clock()  # the metadata says 30 ms for the whole model
+    compute_ms, batch_size, clock = [300.0], [1], _Clock()  # the metadata says 30 ms whole
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/probe"):
@@ -342,8 +342,8 @@ def test_a_service_slower_than_its_metadata_says_is_planned_around_then_tried_ag
             return httpx.Response(200, json=metadata_body(
                 server_ms=30.0, split_ms={"early": 40.0, "mid": 20.0}))
         body = infer_body()
-        body["timings_ms"] = {"decode": 0.0, "queue": 0.0, "compute": compute_ms[0] * 2}
-        body["batch_size"] = 2  # per row: what the service itself averages
+        body["timings_ms"] = {"decode": 0.0, "queue": 0.0, "compute": compute_ms[0]}
+        body["batch_size"] = batch_size[0]
         return httpx.Response(200, json=body)
 
     async def choices(auto: AutoSplit, plans: int = 12) -> set[str]:
@@ -354,6 +354,11 @@ def test_a_service_slower_than_its_metadata_says_is_planned_around_then_tried_ag
                                  ) as client:
             auto = AutoSplit(client, PROFILE, seed=1, hysteresis=0.1, clock=clock)
             assert (await auto.plan()).chosen == CLOUD  # 31 ms against the device's 100
+            batch_size[0] = 4  # a batched answer: its row's share is not a lone request's cost
+            await client.classify("m", b"jpeg")
+            auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))
+            assert auto.server_speed == 1.0
+            batch_size[0] = 1
             await client.classify("m", b"jpeg")
             auto.observe(_result(CLOUD, 0.0, 1.0, sent=20_000))
             assert auto.server_speed == pytest.approx(1.0 + 0.5 * (10.0 - 1.0))
