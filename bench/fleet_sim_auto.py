@@ -11,7 +11,7 @@ discrete-event loop. This keeps its state per simulated device and makes the sam
   choice against ``shared.planner.choose`` on random inputs;
 * the service's figures come from simulated metadata (refetched every ``METADATA_TTL_S``, and
   after a fallback) and from each answer's load, decaying towards the metadata's with
-  AutoSplit's half-life and rounded by its ``_coarse``;
+  AutoSplit's half-life and rounded by its ``coarse``;
 * a 503 makes it plan ``device`` until ``Retry-After`` x (1 + 0.5 u) has passed.
 
 * the uplink is ``device_client.link.LinkEstimator``'s: the upper median of the last 5 answers'
@@ -24,9 +24,11 @@ link, as it does for the product.
   through the replica's event loop, so a busy loop's queue reads as RTT), estimated by
   ``LinkEstimator`` itself from the four samples; answers then lower it to the fastest recent
   large sample's network time, as ``LinkEstimator.estimate`` caps it;
-* the service speed is ``AutoSplit``'s: each answer's decode + compute per row over the
-  metadata's figure (clamped to 0.2-20x, 1 within 0.5-2x), folded in halfway, decaying to 1
-  with a 10 s half-life, scaling every service figure.
+* the service speed is ``AutoSplit``'s: each lone answer's (batch size 1) decode + compute
+  over the metadata's figure (``cloud_server.costs``: what a lone request costs now; each
+  simulated replica keeps a ``ServerCosts`` fed as the service feeds it), clamped to
+  ``SERVER_BOUNDS``, 1 within ``CONTRADICTION_BOUNDS``, folded in by ``SERVER_ALPHA``,
+  decaying to 1 with AutoSplit's half-life, scaling every service figure.
 
 What differs: device speed and re-measuring are off (emulated heads take exactly their profiled
 time); the metadata fetch costs no time on the request's path; the link is probed once.
@@ -34,17 +36,14 @@ time); the metadata fetch costs no time on the request's path; the link is probe
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-from device_client.auto import (
-    _SERVER_ALPHA,
-    _SERVER_BOUNDS,
-    _coarse,  # the product's rounding of the load view
-)
+from device_client.auto import SERVER_ALPHA, SERVER_BOUNDS, AutoSplit, coarse
 from device_client.link import (
     _FLOOR_MS,
     _FLOOR_RTT_FRACTION,
@@ -68,11 +67,12 @@ from shared.planner import (
 
 __all__ = ["LOAD_HALF_LIFE_MS", "METADATA_TTL_MS", "PROBE_BYTES", "AutoDevice"]
 
-METADATA_TTL_MS = 30_000.0  # AutoSplit's metadata_ttl_s
-LOAD_HALF_LIFE_MS = 2_000.0  # AutoSplit's load_half_life_s
-RETRY_JITTER = 0.5  # AutoSplit's retry_jitter
+_DEFAULTS = inspect.signature(AutoSplit.__init__).parameters  # AutoSplit's own, not copies
+METADATA_TTL_MS = float(_DEFAULTS["metadata_ttl_s"].default) * 1e3
+LOAD_HALF_LIFE_MS = float(_DEFAULTS["load_half_life_s"].default) * 1e3
+RETRY_JITTER = float(_DEFAULTS["retry_jitter"].default)
+SERVER_HALF_LIFE_MS = float(_DEFAULTS["server_half_life_s"].default) * 1e3
 MIN_GAIN_MS = 1.0  # shared.planner.choose's default, as AutoSplit calls it
-SERVER_HALF_LIFE_MS = 10_000.0  # AutoSplit's server_half_life_s
 # device_client.link.probe's uploads before any estimate, in order
 PROBE_BYTES = (PROBE_SMALL_BYTES, PROBE_LARGE_BYTES, PROBE_SMALL_BYTES, PROBE_LARGE_BYTES)
 
@@ -152,10 +152,12 @@ class AutoDevice:
 
     def answered(self, now_ms: float, load: Mapping[str, float], body_bytes: float = 0.0,
                  network_ms: float | None = None, cand: str | None = None,
-                 server_row_ms: float | None = None) -> None:
+                 server_row_ms: float | None = None, batch_size: int = 1) -> None:
         """An answer: the service's load, (``network_ms``: round trip less the service's own
         time) a sample of the link as ``LinkEstimator`` takes it, and (``server_row_ms``:
-        decode + compute per row for ``cand``) a sample of the service's speed."""
+        decode + compute per row for ``cand``) a sample of the service's speed if it ran alone
+        (``batch_size`` 1: ``AutoSplit._observe_server`` skips batched answers, whose row is
+        cheaper than the lone request the metadata's figure costs)."""
         self.load, self.load_at = dict(load), now_ms
         if network_ms is not None and body_bytes > SMALL_BYTES:
             if self.probed:  # LinkEstimator caps the RTT by the fastest recent large sample
@@ -164,13 +166,13 @@ class AutoDevice:
             self._rate(body_bytes, network_ms)
             self._cost(statistics.median_high(self.rates))
         server = self.meta_server_ms
-        if server_row_ms is not None and server and server.get(cand or ""):
-            low, high = _SERVER_BOUNDS
+        if server_row_ms is not None and batch_size == 1 and server and server.get(cand or ""):
+            low, high = SERVER_BOUNDS
             sample = min(max(server_row_ms / server[cand or ""], low), high)
             if CONTRADICTION_BOUNDS[0] <= sample <= CONTRADICTION_BOUNDS[1]:
                 sample = 1.0
             speed = self.speed_now(now_ms)
-            self.speed, self.speed_at = speed + _SERVER_ALPHA * (sample - speed), now_ms
+            self.speed, self.speed_at = speed + SERVER_ALPHA * (sample - speed), now_ms
 
     def speed_now(self, now_ms: float) -> float:
         """``AutoSplit._server_speed_now``: the last service speed, decayed towards 1."""
@@ -201,7 +203,7 @@ class AutoDevice:
                 floor = self.meta_load.get(c, self.meta_queue_ms)
                 latest = self.load.get(c, floor)
                 out[c] = (self.fixed_ms[c] + server[c] * speed
-                          + _coarse(floor + (latest - floor) * weight))
+                          + coarse(floor + (latest - floor) * weight))
         return out
 
     def plan(self, now_ms: float, draw: float | None = None) -> str:

@@ -22,14 +22,20 @@ already (so the loop takes no share of the batch's core here). A fleet's rounds 
 are simulated as measured: the window in parts, the devices' clocks paused between them until
 every request is over. ``cloud_server.batching.Batcher``'s rule forms the batches: one
 compute thread for every key; it takes the key whose oldest request waited longest, waits until
-that request is ``batch_wait_ms`` old or ``batch_max`` rows are queued, runs one forward pass,
-then picks again. Batches never mix keys. Past ``max_queue`` queued requests a replica answers
-503; the device then finishes locally (a split's tail, or the whole model). Requests are spread
-over replicas by power of two choices on requests in flight (Ray Serve's router).
+that request is ``batch_wait_ms`` old or ``batch_max`` rows are queued, or no request is on
+its way (``Service.incoming()``: admitted, its body not yet read and decoded; a lone request
+runs at once), runs one forward pass, then picks again. Batches never mix keys. Past
+``max_queue`` queued requests a replica answers 503; the device then finishes locally (a
+split's tail, or the whole model). Requests are spread over replicas by power of two choices
+on requests in flight (Ray Serve's router).
 
 The replica keeps the figures the real service publishes (``Batcher.wait_ms`` and
-``Service.load``: EWMA compute ms per row and rows per batch per key, the batch in flight), so
-``auto`` (``bench.fleet_sim_auto``) plans with what it would be told.
+``Service.load``: EWMA compute ms per row and rows per batch per key, the batch in flight; the
+metadata's ``server_ms`` from its own ``cloud_server.costs.ServerCosts``, profiled with the
+service times' lone request and fed every answer as the service feeds it), so ``auto``
+(``bench.fleet_sim_auto``) plans with what it would be told. A request that finds its replica
+idle for ``bench.fleet_sim_served.IDLE_S`` runs cold: its decode, compute and overhead are
+drawn from the requests that found the measured service so (batch size 0).
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ from typing import Any
 
 from bench.fleet_sim_auto import PROBE_BYTES, AutoDevice
 from bench.fleet_sim_inputs import FleetInputs, candidate_of, seeded_phases
+from bench.fleet_sim_served import IDLE_S
+from cloud_server.costs import ServerCosts
 from shared.candidates import CLOUD, DEVICE
 from shared.planner import HTTP_OVERHEAD_BYTES
 
 __all__ = ["SimResult", "simulate"]
 
 _LOAD_ALPHA = 0.2  # cloud_server.batching
-_SERVER_MS_ALPHA = 0.1  # cloud_server.runtime (server_ms refreshed by live traffic)
 _QUEUE_MS_ALPHA = 0.1  # cloud_server.service (the metadata's queue_ms)
 
 _START, _ARRIVE, _INGESTED, _FILL, _BATCH_END, _TIMEOUT, _DECODED, _PROBE_AT, _PROBED = range(9)
@@ -63,14 +70,14 @@ _QUEUE, _DECODE, _ANSWER, _PROBE = range(4)
 LOOP_SHARE = 1.0
 # a probe upload's loop CPU against a request's (read a body, answer a few bytes: no decode
 # hand-off, no batch), and the metadata's (a JSON answer like an inference's)
-PROBE_SHARE = 0.25
+PROBE_SHARE = 0.5
 META_SHARE = 1.0
 # [device, candidate, start ms, photo ms, still awaited by the device, found the replica idle]
 _Req = list[Any]
 # between two rounds' windows, on the simulation's clock: every request answered or timed out
 # (bench fleet waits for the last answer, then 1 s, and runs the other policies' windows)
 ROUND_GAP_MS = 11_000.0
-IDLE_MS = 1000.0  # bench.fleet_sim_served.IDLE_S: a replica idle this long runs the next cold
+IDLE_MS = IDLE_S * 1e3  # a replica idle this long runs the next request cold
 
 
 @dataclass(frozen=True)
@@ -99,13 +106,13 @@ class SimResult:
 
 class _Replica:
     __slots__ = ("batch_at", "batch_left", "batch_rows", "batch_start", "batched", "batches",
-                 "busy_ms", "half_life_ms", "idle_at", "last_batch",
+                 "busy_ms", "half_life_ms", "idle_at", "incoming", "last_batch",
                  "busy_until", "depth", "fill_version", "filling", "head_left", "inflight",
                  "shares_batch",
                  "ingest", "key", "last_t", "queue_ms", "queues", "row_ms", "running",
-                 "server_ms", "version")
+                 "costs", "version")
 
-    def __init__(self, server_ms: dict[str, float], half_life_ms: float | None) -> None:
+    def __init__(self, costs: ServerCosts, half_life_ms: float | None) -> None:
         self.half_life_ms = half_life_ms  # the mean batch size's decay once a key stops running
         self.batch_at: dict[str, float] = {}
         self.last_batch: dict[str, int] = {}
@@ -113,6 +120,7 @@ class _Replica:
         self.queues: dict[str, deque[tuple[float, _Req]]] = {}
         self.depth = 0  # queued, not yet in a forward pass (Batcher.depth)
         self.inflight = 0  # admitted and not answered (the router's figure)
+        self.incoming = 0  # admitted, body not yet read and decoded (Service.incoming())
         # One core, shared by two streams: requests' own work (HTTP + decode, FIFO) and the
         # compute thread's batch. Both busy: each runs at half speed (processor sharing).
         self.ingest: deque[tuple[float, int, Any]] = deque()  # (CPU ms, what next, payload)
@@ -130,10 +138,15 @@ class _Replica:
         self.version = 0
         self.row_ms: dict[str, float] = {}
         self.batch_rows: dict[str, float] = {}
-        self.server_ms = dict(server_ms)
+        self.costs = costs  # the metadata's server_ms, learnt as the service learns it
         self.queue_ms = 0.0
         self.busy_ms = 0.0
         self.batches = self.batched = 0
+
+    def published(self, profiled: dict[str, float]) -> dict[str, float]:
+        """The metadata's ``server_ms`` per candidate now (``ServerCosts.figures``)."""
+        figures = self.costs.figures()
+        return {c: figures.get(c, ms) for c, ms in profiled.items()}
 
     def rate(self) -> float:
         if not self.shares_batch:  # the measured times hold the sharing already
@@ -162,8 +175,8 @@ class _Replica:
     def load(self, now: float, wait_ms: float, profiled: dict[str, float]) -> dict[str, float]:
         """``Service.load`` through ``shared.planner.load_figures``: candidate -> wait ms."""
         shared = max(0.0, self.busy_until - now)
-        if self.depth and not self.busy_until > now:
-            shared += wait_ms
+        if self.depth and not self.busy_until > now and self.incoming > 0:
+            shared += wait_ms  # the batch waits to fill only while a request is on its way
         queued = {}
         for key, q in self.queues.items():
             queued[key] = len(q)
@@ -250,7 +263,7 @@ class _Sim:
                                  inputs.request_bytes, lk.rtt_ms, lk.up_bps, lk.down_bps)
                       for i, lk in enumerate(links)] if self.fixed is None else []
         half_life_ms = _rows_half_life_ms() if self.fixed is None else None
-        self.reps = [_Replica(self.profiled, half_life_ms) for _ in range(replicas)]
+        self.reps = [_Replica(self.server_costs(), half_life_ms) for _ in range(replicas)]
         for r in self.reps:
             r.shares_batch = not self.in_service
         # in_service: the event loop's CPU per request (split between reading it and answering
@@ -270,6 +283,14 @@ class _Sim:
         self.lat: list[float] = []
         self.choices: dict[str, int] = {}
         self.ok = self.rejected = self.fallbacks = self.timeouts = self.answered = 0
+
+    def server_costs(self) -> ServerCosts:
+        """A replica's ``cloud_server.costs.ServerCosts`` on the simulation's clock, profiled
+        with the service times' lone request (decode, batch-1 compute)."""
+        costs = ServerCosts(clock=lambda: self.now / 1e3)
+        costs.set_profile(decode_ms=self.decode_ms, compute_ms={
+            c: max(0.0, ms - self.decode_ms[c]) for c, ms in self.profiled.items()})
+        return costs
 
     def push(self, t: float, kind: int, payload: object) -> None:
         self.seq += 1
@@ -335,7 +356,9 @@ class _Sim:
         if best is None:
             return
         deadline = best_t + self.inputs.batch_wait_ms
-        if len(r.queues[best]) >= self.inputs.batch_max or deadline <= self.now:
+        # Batcher._fill: a full batch, its oldest waited the delay, or nothing incoming
+        if (len(r.queues[best]) >= self.inputs.batch_max or deadline <= self.now
+                or r.incoming <= 0):
             self.start_batch(r, best)
         else:
             r.filling = best
@@ -402,7 +425,7 @@ class _Sim:
                 return
             if auto.needs_metadata(now):
                 r = self.pick_replica()
-                auto.metadata(now, r.server_ms, r.queue_ms,
+                auto.metadata(now, r.published(self.profiled), r.queue_ms,
                               r.load(now, self.inputs.batch_wait_ms, self.profiled))
             cand = auto.plan(now)
             if cand == DEVICE and now < auto.refused_until and self.in_window(self.photo[dev]):
@@ -445,6 +468,7 @@ class _Sim:
             req[5] = r.inflight == 0 and now - r.idle_at >= IDLE_MS
             last = 0 if req[5] else r.last_batch.get(cand, 1)
             r.inflight += 1
+            r.incoming += 1
             loop_ms, delay_ms = self.loop_cost(cand, req[5])
             decode_ms = self.rng.choice(self.decode_draws[cand][last])
             # req[6:11]: the delay besides the loop, the answer's loop CPU, arrival, read, decode
@@ -452,6 +476,7 @@ class _Sim:
             self.to_loop(r, loop_ms / 2, _DECODE, req)
             return
         r.inflight += 1
+        r.incoming += 1
         self.to_loop(r, self.request_ms[cand], _QUEUE, req)
 
     def loop_cost(self, cand: str, cold: bool) -> tuple[float, float]:
@@ -530,8 +555,10 @@ class _Sim:
             q = r.queues[cand] = deque()
         q.append((self.now, req))
         r.depth += 1
-        if r.filling == cand and len(q) >= self.inputs.batch_max:
-            self.start_batch(r, cand)
+        r.incoming -= 1
+        if r.filling is not None and (r.incoming <= 0 or (
+                r.filling == cand and len(q) >= self.inputs.batch_max)):
+            self.start_batch(r, r.filling)  # full, or nothing on its way could join it
         else:
             self.kick(r)
 
@@ -570,19 +597,21 @@ class _Sim:
         load = r.load(now, self.inputs.batch_wait_ms, self.profiled) if self.autos else None
         for enq, req in batch:
             r.queue_ms += _QUEUE_MS_ALPHA * (r.batch_start - enq - r.queue_ms)
-            r.server_ms[key] += _SERVER_MS_ALPHA * (
-                self.decode_ms[key] + per_row - r.server_ms[key])
+            # what the service learns from the answer (cloud_server.routers.infer._observe)
+            r.costs.observe(key, decode_ms=req[10] if self.in_service else self.decode_ms[key],
+                            compute_ms=per_row, alone=n == 1)
             if self.in_service:  # the loop writes the answer, then the delay besides
                 if req[4]:
-                    self.to_loop(r, req[7], _ANSWER, (r, req, key, per_row, req[6], now))
+                    self.to_loop(r, req[7], _ANSWER, (r, req, key, per_row, req[6], now, None, n))
                 continue
             extra = self.proxy_ms
             if self.jitter_ms > 0:
                 extra += self.rng.expovariate(1.0 / self.jitter_ms)
-            self.answer(r, req, key, per_row, extra, None, load)
+            self.answer(r, req, key, per_row, extra, None, load, n)
 
     def answer(self, r: _Replica, req: _Req, key: str, per_row_ms: float, extra_ms: float,
-               ended: float | None = None, load: dict[str, float] | None = None) -> None:
+               ended: float | None = None, load: dict[str, float] | None = None,
+               batch_size: int = 1) -> None:
         """The service answers ``req``; it reaches the device ``extra_ms`` + the link later
         (``ended``: when its batch ended, in_service)."""
         dev, _, start, photo, awaited = req[:5]
@@ -603,7 +632,7 @@ class _Sim:
                 network_ms = up_ms + req[9] - req[8] + done - ended
                 decode_ms = req[10]
             self.autos[dev].answered(done, load, self.inputs.request_bytes.get(key, 0.0),
-                                     network_ms, key, decode_ms + per_row_ms)
+                                     network_ms, key, decode_ms + per_row_ms, batch_size)
         self.finish(dev, photo, done)
 
     def result(self) -> SimResult:

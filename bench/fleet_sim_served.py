@@ -18,11 +18,15 @@ exactly):
   down): HTTP parsing and answering, the event loop's backlog, thread hand-offs, a proxy;
 * ``queue_ms[candidate][batch size]``: kept to compare with the simulation's, never fed to it;
 * batch size ``0`` stands for a request that found the service idle for ``IDLE_S`` or more
-  (nothing else in flight): such a request is slower in all three of its times (measured:
-  overhead 14-22 ms against 8-9, decode and compute up to twice), likely because the service
-  gives its heap back after 1 s idle (``cloud_server.memory.IdleTrimmer``) and faults it in
-  again, and idle cores' caches are cold (a single device's runs are all of them; from 8
-  devices up, none);
+  (nothing else in flight): such a request is slower in all three of its times. Measured on
+  the uvicorn runs of ``bench/results/fleet.json``: a single device a photo every 0.5 s (every
+  request after a gap of 0.4 s or more) saw decode 1.5-2.8x, compute 1.2-1.9x and overhead
+  +3-6 ms against the same candidates' lone requests from 8 and 32 devices (gaps of 0.05-0.2 s),
+  6-11 ms a request in all; after 1 s, more still (the service gives its heap back,
+  ``cloud_server.memory.IdleTrimmer``). Likely the core's caches and branch predictors, which
+  whatever else this shared machine runs takes over while the service sleeps. The class is by
+  the gap, pooled over every run (a request at the start of a round counts in it too), never
+  by run;
 * ``device_lag_ms[fleet size]``: the emulated device's own lateness per photo, over every
   photo: how late it started (after the photo, or after its previous answer when busy) plus how
   far its head's wait overran the profiled head time (asyncio timers on one core shared by N
@@ -49,7 +53,7 @@ from shared.planner import HTTP_OVERHEAD_BYTES, RESPONSE_BYTES
 __all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "pooled",
            "run_summary", "service_times", "summary_json"]
 
-IDLE_S = 1.0  # SPLITSERVE_TRIM_IDLE_S's default: idle this long, the next request runs cold
+IDLE_S = 0.3  # idle this long (no request in flight), the next request runs cold (above)
 BINS_PER_DECADE = 40  # bins 6% wide: a drawn time is within 3% of the one measured
 MIN_BATCHES = 3  # a batch size seen fewer times is interpolated from its neighbours
 DRAWS = 64  # quantiles kept per distribution for the simulation to draw from
@@ -126,7 +130,8 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
             _add(overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
     return {"compute_ms": compute, "decode_ms": decode, "overhead_ms": overhead,
-            "queue_ms": queue, "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)}}
+            "queue_ms": queue, "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)},
+            "idle_s": IDLE_S}
 
 
 def _cold(records: list[Any], inputs: Any) -> set[int]:
@@ -187,6 +192,7 @@ def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         served = run.get("served")
         if not served:
             continue
+        served = _reclassed(run, served)
         group = out.setdefault(group_key(run.get("engine", "uvicorn"), run.get("replicas", 1)),
                                {"compute_ms": {}, "decode_ms": {}, "overhead_ms": {},
                                 "queue_ms": {}})
@@ -196,6 +202,34 @@ def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                     _merge(group[part].setdefault(cand, {}).setdefault(n, _new()), hist)
         for n, hist in served.get("device_lag_ms", {}).items():
             _merge(group.setdefault("device_lag_ms", {}).setdefault(n, _new()), hist)
+    return out
+
+
+def _reclassed(run: Mapping[str, Any], served: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A run summarised before ``IDLE_S`` was 0.3 s (no ``idle_s`` in it; the cold class then
+    needed 1 s idle): a single device whose photo period less its p95 leaves the service idle
+    ``IDLE_S`` before every request ran every one of them cold, so its batch size 1 joins 0.
+    Larger fleets' requests after shorter gaps cannot be told apart afterwards and stay put.
+
+        >>> h = {"count": 1, "sum_ms": 9.0, "bins": {"38": 1}}
+        >>> run = {"devices": 1, "period_ms": 500.0, "p95_ms": 80.0}
+        >>> _reclassed(run, {"decode_ms": {"cloud": {"1": h}}})["decode_ms"]["cloud"]["0"]["count"]
+        1
+    """
+    if "idle_s" in served or run.get("devices") != 1 or (
+            float(run.get("period_ms", 0.0)) - float(run.get("p95_ms", math.inf))
+            < IDLE_S * 1e3):
+        return served
+    out: dict[str, Any] = dict(served)
+    for part in ("compute_ms", "decode_ms", "overhead_ms", "queue_ms"):
+        moved: dict[str, dict[str, Hist]] = {}
+        for cand, sizes in served.get(part, {}).items():
+            sizes = {n: {**h, "bins": dict(h["bins"])} for n, h in sizes.items()}
+            lone = sizes.pop("1", None)
+            if lone is not None:
+                _merge(sizes.setdefault("0", _new()), lone)
+            moved[cand] = sizes
+        out[part] = moved
     return out
 
 

@@ -37,7 +37,7 @@ request for each candidate costs, ``cloud_server.costs``) are refreshed only eve
 ``metadata_ttl_s``. Every answer reports what the request cost the service (decode + compute),
 so the device keeps a service speed: a lone answer's cost over the metadata's figure for the
 candidate answered (batched answers are skipped: a row's share of a pass is cheaper than a lone
-request), smoothed, within ``_SERVER_BOUNDS``, and scales every figure of the service's by it,
+request), smoothed, within ``SERVER_BOUNDS``, and scales every figure of the service's by it,
 decaying towards 1 as it ages (half-life ``server_half_life_s``), as the load does.
 ``bench fleet`` saw why: at N=1, on a minute when the service ran ~10x slower than its profile,
 auto kept ``_blocks.0`` (~170 ms a photo) over ``device`` (130 ms) for all 16 photos of a run
@@ -107,7 +107,7 @@ from shared.planner import (
     switch_threshold_ms,
 )
 
-__all__ = ["AutoSplit"]
+__all__ = ["SERVER_ALPHA", "SERVER_BOUNDS", "AutoSplit", "coarse"]
 
 _EWMA_ALPHA = 0.2  # live figures replace the profile's within ~10 inferences
 _SPEED_MIN_MS = 5.0  # a candidate this cheap on the device says little about its speed
@@ -117,8 +117,8 @@ _SPEED_BOUNDS = (0.2, 5.0)  # one inference (a GC pause, a page-in) moves the fa
 # the metadata's figure an answer counts as agreeing: one answer scatters that much around a
 # figure refreshed every 30 s, and scaling every candidate by such a ratio would only add noise
 # (it moved near-tied LTE devices off `cloud` at N=32; tuned before cloud_server.costs).
-_SERVER_BOUNDS = (0.2, 20.0)
-_SERVER_ALPHA = 0.5
+SERVER_BOUNDS = (0.2, 20.0)
+SERVER_ALPHA = 0.5
 _REMEASURED_KEPT = 64  # ``remeasured`` keeps the latest: a device may live for months
 
 Remeasure = Callable[[str], DeviceCost]  # a candidate -> its cost measured again, now
@@ -256,7 +256,7 @@ class AutoSplit:
         for name, _ in server.server_ms:
             floor = base.get(name, server.queue_ms)
             latest = self._load.get(name, floor)
-            view[name] = _coarse(floor + (latest - floor) * weight)
+            view[name] = coarse(floor + (latest - floor) * weight)
         speed = round(self._server_speed_now(), 2)
         key = (view, speed)
         if self._view is not None and self._view[0] is server and self._view[1] == key:
@@ -287,13 +287,13 @@ class AutoSplit:
         if not published_ms or reply.batch_size != 1:
             return
         live_ms = reply.decode_ms + reply.compute_ms
-        low, high = _SERVER_BOUNDS
+        low, high = SERVER_BOUNDS
         now = self._server_speed_now()
         sample = min(max(live_ms / published_ms, low), high)
         agree_low, agree_high = CONTRADICTION_BOUNDS
         if agree_low <= sample <= agree_high:
             sample = 1.0
-        self.server_speed = now + _SERVER_ALPHA * (sample - now)
+        self.server_speed = now + SERVER_ALPHA * (sample - now)
         self._server_speed_at = self._clock()
 
     def _plan_ahead(self) -> None:
@@ -518,7 +518,7 @@ def _in_a_loop() -> bool:
     return True
 
 
-def _coarse(ms: float) -> float:
+def coarse(ms: float) -> float:
     """Whole ms under 10 ms, else two significant digits: a decaying figure then changes the
     plan's inputs every few percent, not at every request (each change costs a costing)."""
     if ms < 10:

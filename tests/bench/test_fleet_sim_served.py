@@ -54,8 +54,8 @@ def _mean(hist: dict[str, Any]) -> float:
 def test_a_batch_counts_once_and_overhead_is_what_the_link_and_service_leave() -> None:
     # two devices in one batch of 2 (same compute), then each alone; busy enough to be warm
     records = [_answer(0, 0.0, compute_ms=30.0, batch=2), _answer(1, 0.0, compute_ms=30.0, batch=2),
-               _answer(0, 0.5, compute_ms=12.0, overhead_ms=6.0),
-               _answer(1, 0.6, compute_ms=11.0, overhead_ms=6.0)]
+               _answer(0, 0.2, compute_ms=12.0, overhead_ms=6.0),
+               _answer(1, 0.25, compute_ms=11.0, overhead_ms=6.0)]
     summary = served.run_summary(records, _spec(), HEADS)
     compute = summary["compute_ms"][SPLIT]
     assert compute["0"]["count"] == 1  # the first request reached an idle service: cold
@@ -82,6 +82,30 @@ def test_a_lone_request_after_an_idle_second_is_cold() -> None:
     assert SPLIT not in times.batch_ms  # no warm batch seen
 
 
+def test_a_lone_request_after_a_short_idle_gap_is_cold_too() -> None:
+    # one device a photo every 0.5 s: the service sleeps ~0.45 s before every request
+    records = [_answer(0, 0.5 * k, compute_ms=20.0 + k) for k in range(6)]
+    summary = served.run_summary(records, _spec(devices=1), HEADS)
+    assert set(summary["decode_ms"][SPLIT]) == {"0"}
+    assert summary["compute_ms"][SPLIT]["0"]["count"] == 6
+    assert summary["idle_s"] == served.IDLE_S
+
+
+def test_an_older_single_device_run_counts_its_lone_requests_cold() -> None:
+    # summarised while the cold class needed 1 s idle (no "idle_s"): its batch size 1 was cold
+    old = served.run_summary([_answer(0, 0.0), _answer(0, 0.2)], _spec(1), HEADS)
+    del old["idle_s"]
+    single = {"engine": "uvicorn", "replicas": 1, "devices": 1, "period_ms": 500.0,
+              "p95_ms": 80.0, "served": old}
+    fleet = {**single, "devices": 8, "period_ms": 1500.0}
+    group = served.pooled({"runs": [single, fleet]})["uvicorn/1"]["compute_ms"][SPLIT]
+    assert group["0"]["count"] == 1 + 2 and group["1"]["count"] == 1  # 8 devices: unchanged
+    assert old["compute_ms"][SPLIT]["1"]["count"] == 1  # the run's own summary is untouched
+    # a single device whose photos left the service less than IDLE_S idle stays as it is
+    busy = {**single, "period_ms": 200.0}
+    assert served.pooled({"runs": [busy]})["uvicorn/1"]["compute_ms"][SPLIT]["1"]["count"] == 1
+
+
 def test_device_lag_is_the_late_start_plus_the_head_overrun() -> None:
     late = _answer(0, 0.0, start_late_ms=3.0)
     overrun = Record(1, "lan", 0.0, 0.0, 0.105, DEVICE, "ok")  # ran on the device, 5 ms over
@@ -101,7 +125,7 @@ def test_draws_keep_the_mean_and_the_spread() -> None:
 
 
 def test_runs_pool_per_engine_and_replicas() -> None:
-    one = served.run_summary([_answer(0, 0.0), _answer(0, 0.5)], _spec(1), HEADS)
+    one = served.run_summary([_answer(0, 0.0), _answer(0, 0.2)], _spec(1), HEADS)
     runs = [{"engine": "uvicorn", "replicas": 1, "served": one},
             {"engine": "uvicorn", "replicas": 1, "served": one},
             {"engine": "ray-serve", "replicas": 2, "served": one}]
