@@ -21,7 +21,11 @@ policy one window of ``--duration / --rounds`` seconds per round in a rotating o
 devices (clients, ``auto``'s state) kept across its windows, its warm-up before its first
 window only, and its windows pooled into one row. A small fleet's window stretches until it
 holds ``--min-photos`` photos (at most 2x ``--duration``), then its photo period shrinks
-(N=1: 40 photos in 20 s, one every 0.5 s; the row's ``period_ms`` says).
+(N=1: 120 photos in 20 s, one every 0.17 s; N=8: 20 s, one every 1.33 s; the row's
+``period_ms`` says). 120, not 40: a single device's p95 over 40 photos is its 2nd slowest
+(two runs of the same choice differed 20%), and at one every 0.5 s the service sleeps 0.4 s
+before each request and runs it cold (``bench.fleet_sim_served.IDLE_S``), unlike any larger
+fleet's; at 0.17 s it stays as warm as at N=8-32.
 
 Policies: ``cloud``, ``device``, three fixed split points (early, middle, late) and ``auto``,
 the product's planner with its live estimation (``device_client.auto.AutoSplit``) fed the
@@ -63,6 +67,7 @@ __all__ = ["add_arguments", "run", "simulation"]
 MODEL = "efficientnet_lite0"
 NAMED_SPLITS = {"early": "_blocks.3", "middle": "_blocks.9", "late": "_blocks.15"}
 DEFAULT_POLICIES = (CLOUD, DEVICE, "early", "middle", "late", AUTO)
+MIN_PHOTOS = 120  # per policy and fleet size (module docstring)
 LINK_MIX = ("lan", "wifi", "lte", "3g")  # device 0 is on lan: N=1 gives the proxy's overhead
 # 128 devices at one photo per 1.5 s offer ~85 requests/s: over what one core serves of whole
 # models from JPEGs (~50/s measured), under what it serves of middle tails (107/s at a batch of
@@ -129,7 +134,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-photos", type=cliargs.integer(at_least=1), default=None,
                    help="photos per policy and fleet size at least: a small fleet's window "
                         "stretches (up to 2x --duration), then its photo period shrinks "
-                        "(default 40: at N=1, 20 s at one photo every 0.5 s; --quick 10)")
+                        f"(default {MIN_PHOTOS}: at N=1, 20 s at one photo every 0.17 s; "
+                        "--quick 10)")
     p.add_argument("--timeout", type=cliargs.real(above=0), default=10.0,
                    help="a device's deadline per request, seconds (default 10)")
     p.add_argument("--link-mix", type=_links, default=list(LINK_MIX),
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup or (2.0 if args.quick else 4.0)
     duration = args.duration or (4.0 if args.quick else 10.0)
     rounds = args.rounds or (2 if args.quick else 4)
-    min_photos = args.min_photos or (10 if args.quick else 40)
+    min_photos = args.min_photos or (10 if args.quick else MIN_PHOTOS)
     policies = [NAMED_SPLITS.get(p, p) for p in args.policies]
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "fleet-cache"

@@ -51,8 +51,9 @@ def size_window(devices: int, *, period_s: float, duration_s: float, min_photos:
 
     ``duration_s`` (measured seconds per policy) grows until its window holds ``min_photos``
     photos, up to ``MAX_STRETCH`` times; past that the photo period shrinks instead. One device
-    at a photo every 1.5 s would need a minute per policy for 40 photos; at one photo in flight
-    and a few requests per second the service is as idle at 0.5 s as at 1.5 s.
+    at a photo every 1.5 s would need a minute per policy for 40 photos. A shorter period
+    also keeps a single device's service warm: at 0.5 s it sleeps long enough before each
+    request to run it cold (``bench.fleet_sim_served.IDLE_S``), at 0.17 s it does not.
 
         >>> size_window(8, period_s=1.5, duration_s=10.0, min_photos=40)
         (1.5, 10.0)

@@ -120,6 +120,20 @@ def test_a_small_fleet_stretches_its_window_then_shortens_its_period() -> None:
         size_window(0, period_s=1.5, duration_s=10.0, min_photos=40)
 
 
+def test_the_default_photos_keep_a_single_device_warm_and_the_run_short() -> None:
+    from bench.fleet_sim_served import IDLE_S
+
+    # N=1: a photo well under IDLE_S apart (the service never sleeps into a cold request)
+    period_s, duration_s = size_window(1, period_s=1.5, duration_s=10.0,
+                                       min_photos=fleet.MIN_PHOTOS)
+    assert duration_s == 20.0 and period_s < IDLE_S / 1.5
+    # only N=1 and N=8 stretch: 32 and 128 devices keep 10 s at a photo every 1.5 s
+    windows = {n: size_window(n, period_s=1.5, duration_s=10.0, min_photos=fleet.MIN_PHOTOS)
+               for n in (1, 8, 32, 128)}
+    assert windows[32] == windows[128] == (1.5, 10.0)
+    assert sum(d for _, d in windows.values()) <= 60.0
+
+
 def test_a_policy_s_windows_pool_on_one_time_line() -> None:
     spec = RunSpec(policy=CLOUD, devices=1, link_mix=("lan",), period_s=1.0, warmup_s=1.0,
                    duration_s=4.0, timeout_s=5.0, rounds=2)
