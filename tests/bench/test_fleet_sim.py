@@ -226,3 +226,31 @@ def test_a_device_gives_up_at_its_deadline_and_finishes_locally() -> None:
     assert res.timeouts > 0
     assert res.ok + res.timeouts == sum(res.choices.values())
     assert res.p95_ms <= 300.0 + 100.0 + 1e-6
+
+
+def test_auto_learns_the_service_speed_from_lone_answers_only() -> None:
+    auto = AutoDevice(0, [DEVICE, CLOUD], {DEVICE: 100.0, CLOUD: 0.0}, {CLOUD: 1000.0},
+                      2.0, 8e6, 8e6)
+    auto.metadata(0.0, {CLOUD: 10.0}, 0.0, {CLOUD: 0.0})
+    # a row of a batch of 4 costs 50 ms: no lone request's cost, nothing learnt
+    auto.answered(0.0, {CLOUD: 0.0}, server_row_ms=50.0, cand=CLOUD, batch_size=4)
+    assert auto.speed_now(0.0) == 1.0
+    # alone at 5x the metadata's figure: halfway there (AutoSplit's SERVER_ALPHA)
+    auto.answered(0.0, {CLOUD: 0.0}, server_row_ms=50.0, cand=CLOUD, batch_size=1)
+    assert auto.speed_now(0.0) == pytest.approx(3.0)
+
+
+def _measured(period_ms: float) -> FleetInputs:
+    """A service whose measured times say a request after an idle gap (batch size 0) costs
+    decode 4 + compute 20 + overhead 10 ms, a warm lone one 2 + 10 + 5."""
+    times = ServiceTimes({"mid": {1: (10.0,)}}, {"mid": 2.0}, spread=True, in_service=True,
+                         decode_draws={"mid": {0: (4.0,), 1: (2.0,)}},
+                         cold_draws={"mid": (20.0,)},
+                         overhead_draws={"mid": {0: (10.0,), 1: (5.0,)}})
+    return replace(_inputs(period_ms=period_ms), service=times)
+
+
+def test_a_lone_request_after_an_idle_gap_runs_cold() -> None:
+    slow = simulate(_measured(500.0), "middle", devices=1)  # idle ~0.45 s before each
+    fast = simulate(_measured(100.0), "middle", devices=1)  # idle ~0.05 s: warm
+    assert slow.p50_ms - fast.p50_ms == pytest.approx((4 + 20 + 10) - (2 + 10 + 5), abs=0.5)
