@@ -123,7 +123,7 @@ def test_auto_chooses_as_the_product_planner(seed: int) -> None:
     rtt, up, down = rng.uniform(1, 150), rng.uniform(1e6, 50e6), rng.uniform(1e6, 50e6)
     auto = AutoDevice(seed, [DEVICE, CLOUD, "a", "b"], head,
                       {k: float(v) for k, v in payload.items()}, rtt, up, down)
-    auto.metadata(0.0, server, 0.0, load)  # loads already whole numbers: _coarse keeps them
+    auto.metadata(0.0, server, 0.0, load)  # loads already whole numbers: coarse keeps them
     profile = DeviceProfile("m", "f", tuple(
         DeviceCost(c, head[c], 0.0, payload[c]) for c in head))
     link = LinkEstimate(uplink_bps=up, rtt_ms=rtt, downlink_bps=down)
