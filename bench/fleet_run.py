@@ -43,8 +43,8 @@ from device_client.breaker import CircuitBreaker
 from device_client.client import ServiceClient
 from shared.candidates import AUTO, DEVICE
 
-__all__ = ["Fleet", "FleetRun", "RunSpec", "device_phase_s", "run_fleet", "run_rounds",
-           "summarize"]
+__all__ = ["Fleet", "FleetRun", "RunSpec", "by_round", "device_phase_s", "run_fleet",
+           "run_rounds", "summarize"]
 
 ROUND_GAP_S = 1.0  # between a window's last answer and the next window, on the pooled time line
 Window = tuple[float, float]
@@ -338,6 +338,7 @@ def summarize(records: Sequence[Record], spec: RunSpec, *, engine: str = "uvicor
         "period_ms": round(spec.period_s * 1e3, 3),
         "mean_batch_source": mean_batch_source,
         "by_link": by_link,
+        "by_round": by_round(records, windows),
         "error_kinds": dict(Counter(r.error for r in inside if r.outcome == "error")),
     }
     if spec.policy == AUTO:
@@ -346,6 +347,32 @@ def summarize(records: Sequence[Record], spec: RunSpec, *, engine: str = "uvicor
             link: dict(Counter(r.candidate for r in inside if r.link == link).most_common())
             for link in dict.fromkeys(spec.link_mix)}
     return row
+
+
+def by_round(records: Sequence[Record], windows: Sequence[Window]) -> list[dict[str, Any]]:
+    """Per measured window (a round's): its photos' p50 and p95, the answers that arrived in it
+    per second, and the batches they rode in (mean rows and mean forward pass, from the answers'
+    own batch size and compute time). A saturated run's rounds differ (only round 0 follows a
+    warm-up; the others start empty), and the simulation is checked against them round by round
+    (``bench.fleet_sim.validate``)."""
+    out = []
+    for start, end in windows:
+        mine = [r.latency_ms for r in records if start <= r.photo_s < end and r.outcome != "error"]
+        served = [r for r in records if r.served and start <= r.done_s < end]
+        # every request of a batch reports the batch's compute: one batch per distinct pair
+        batches = {(r.candidate, r.batch_size, r.compute_ms) for r in served
+                   if r.batch_size and r.compute_ms is not None}
+        out.append({
+            "photos": len(mine),
+            "p50_ms": _rounded(percentile(mine, 50)),
+            "p95_ms": _rounded(percentile(mine, 95)),
+            "throughput_rps": round(len(served) / (end - start), 2) if end > start else None,
+            "mean_batch_size": _rounded(sum(b[1] for b in batches) / len(batches))
+            if batches else None,
+            "mean_compute_ms": _rounded(sum(b[2] for b in batches) / len(batches))
+            if batches else None,
+        })
+    return out
 
 
 def bar(runs: Sequence[Mapping[str, Any]], *, max_ratio: float = 1.10) -> list[dict[str, Any]]:

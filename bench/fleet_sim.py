@@ -176,6 +176,8 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
                 name: {"measured": v.get("p95_ms"),
                        "simulated": sim.by_link.get(name, {}).get("p95_ms")}
                 for name, v in r["by_link"].items()}
+        if len(sim.by_round) > 1:  # a saturated run's rounds differ: round 0 follows a warm-up
+            row["by_round"] = {"measured": r.get("by_round"), "simulated": list(sim.by_round)}
         if r["policy"] == "auto":
             row["simulated_choices"] = sim.choices
             row["measured_choices"] = r.get("choices", {})

@@ -98,10 +98,12 @@ class SimResult:
     timeouts: int
     choices: dict[str, int]
     by_link: dict[str, dict[str, float]]  # link -> photos, p50_ms, p95_ms
+    # per measured window (``rounds``): photos, p50_ms, p95_ms, mean_batch_size
+    by_round: tuple[dict[str, float], ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {k: (round(v, 4) if isinstance(v, float) else v)
-                for k, v in self.__dict__.items()}
+        return {k: (round(v, 4) if isinstance(v, float) else list(v) if isinstance(v, tuple)
+                    else v) for k, v in self.__dict__.items()}
 
 
 class _Replica:
@@ -215,6 +217,8 @@ def simulate(inputs: FleetInputs, policy: str, *, devices: int, replicas: int = 
             auto.probed = True
     if rounds > 1:
         sim.round_ms, sim.rounds = (t1 - t0) / rounds, rounds
+        sim.lat_by_round = [[] for _ in range(rounds)]
+        sim.batches_by_round = [[0, 0] for _ in range(rounds)]
     if draw:
         sim.rng = random.Random(f"{seed}/{draw}")
     sim.run()
@@ -281,6 +285,8 @@ class _Sim:
         self.seq = devices
         self.now = 0.0
         self.lat: list[float] = []
+        self.lat_by_round: list[list[float]] = [[]]
+        self.batches_by_round: list[list[int]] = [[0, 0]]  # [batches, rows]
         self.choices: dict[str, int] = {}
         self.ok = self.rejected = self.fallbacks = self.timeouts = self.answered = 0
 
@@ -298,6 +304,12 @@ class _Sim:
 
     def in_window(self, photo: float) -> bool:
         return self.t0 <= photo < self.t1
+
+    def round_of(self, photo: float) -> int:
+        """The measured window (round) a photo taken in the window belongs to."""
+        if self.round_ms == math.inf:
+            return 0
+        return int(min((photo - self.t0) // self.round_ms, self.rounds - 1))
 
     def at(self, photo: float) -> float:
         """A device's clock (photo times) on the simulation's, past the rounds' gaps."""
@@ -318,6 +330,7 @@ class _Sim:
         """Photo ``photo`` of ``dev`` answered at ``done``; start its next photo."""
         if self.in_window(photo):
             self.lat.append(done - self.at(photo))
+            self.lat_by_round[self.round_of(photo)].append(done - self.at(photo))
             self.lat_by_link[self.link_of[dev]].append(done - self.at(photo))
             if timeout:
                 self.timeouts += 1
@@ -589,6 +602,10 @@ class _Sim:
         if self.live(now):  # the batches the window saw, as /metrics would
             r.batches += 1
             r.batched += n
+            seen = self.batches_by_round[0 if self.round_ms == math.inf else int(
+                (now - self.t0) // (self.round_ms + ROUND_GAP_MS))]
+            seen[0] += 1
+            seen[1] += n
         r.inflight -= n
         if not r.inflight:
             r.idle_at = now
@@ -650,7 +667,13 @@ class _Sim:
             timeouts=self.timeouts, choices=dict(sorted(self.choices.items())),
             by_link={name: {"photos": len(xs), "p50_ms": round(_quantile(sorted(xs), 0.5), 2),
                             "p95_ms": round(_quantile(sorted(xs), 0.95), 2)}
-                     for name, xs in self.lat_by_link.items() if xs})
+                     for name, xs in self.lat_by_link.items() if xs},
+            by_round=tuple(
+                {"photos": len(xs), "p50_ms": round(_quantile(sorted(xs), 0.5), 2),
+                 "p95_ms": round(_quantile(sorted(xs), 0.95), 2),
+                 "mean_batch_size": round(rows / batches, 2) if batches else 0.0}
+                for xs, (batches, rows) in zip(self.lat_by_round, self.batches_by_round,
+                                               strict=True)))
 
 
 def _rows_half_life_ms() -> float | None:

@@ -154,6 +154,9 @@ def test_a_policy_s_windows_pool_on_one_time_line() -> None:
     assert row["photos"] == 3 and row["p50_ms"] == 300.0  # the warm-up and round 2's late one
     assert row["throughput_rps"] == 0.5  # 1.6 and 5.0 arrived in a window; 3.5 did not
     assert (row["rounds"], row["period_ms"], row["duration_s"]) == (2, 1000.0, 4.0)
+    first, second = row["by_round"]  # each window on its own
+    assert (first["photos"], first["p50_ms"], second["photos"]) == (2, 350.0, 1)
+    assert first["throughput_rps"] == 0.5 and second["throughput_rps"] == 0.5
 
 
 # --- aggregation -------------------------------------------------------------------------------

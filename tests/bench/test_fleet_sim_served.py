@@ -175,6 +175,16 @@ def test_served_inputs_drive_validate_without_measuring_anything(tmp_path: Path)
     assert result["served"]["uvicorn/1"][SPLIT]["compute_ms_by_batch"]["1"][0] == \
         pytest.approx(10.0, rel=0.04)
     assert not list(tmp_path.iterdir())  # no in-process measurement, no cache written
+    assert "by_round" not in alone  # one window: nothing to compare round by round
+
+
+def test_validate_compares_a_run_s_rounds_one_by_one(tmp_path: Path) -> None:
+    doc = _served_doc(70.0)
+    rounds = [{"photos": 27, "p50_ms": 60.0, "p95_ms": 60.0}] * 2
+    doc["runs"][1].update(rounds=2, by_round=rounds)
+    row = validate(doc, cache_dir=tmp_path)["runs"][1]
+    assert row["by_round"]["measured"] == rounds
+    assert [len(w) for w in row["by_round"]["simulated"]] == [4, 4]  # photos, p50, p95, batch
 
 
 def test_the_projection_takes_the_single_process_group() -> None:
@@ -300,6 +310,11 @@ def test_rounds_let_the_queue_drain_between_windows() -> None:
     four = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0, rounds=4)
     assert one.ok == pytest.approx(four.ok, abs=150)  # the same photos, ...
     assert four.p95_ms < one.p95_ms / 2  # ... each window starting on an idle service
+    # each window reported on its own: its photos, and the batches that ended in it
+    assert len(four.by_round) == 4 and len(one.by_round) == 1
+    assert sum(w["photos"] for w in four.by_round) == four.ok + four.timeouts
+    assert all(w["p50_ms"] <= w["p95_ms"] for w in four.by_round)
+    assert all(w["mean_batch_size"] >= 1 for w in four.by_round)
 
 
 def test_auto_probes_the_link_at_start_up_through_the_service_s_loop() -> None:
