@@ -123,14 +123,15 @@ def test_a_small_fleet_stretches_its_window_then_shortens_its_period() -> None:
 def test_the_default_photos_keep_a_single_device_warm_and_the_run_short() -> None:
     from bench.fleet_sim_served import IDLE_S
 
+    period_s = fleet.PERIOD_MS / 1e3
     # N=1: a photo well under IDLE_S apart (the service never sleeps into a cold request)
-    period_s, duration_s = size_window(1, period_s=1.5, duration_s=10.0,
-                                       min_photos=fleet.MIN_PHOTOS)
-    assert duration_s == 20.0 and period_s < IDLE_S / 1.5
-    # only N=1 and N=8 stretch: 32 and 128 devices keep 10 s at a photo every 1.5 s
-    windows = {n: size_window(n, period_s=1.5, duration_s=10.0, min_photos=fleet.MIN_PHOTOS)
-               for n in (1, 8, 32, 128)}
-    assert windows[32] == windows[128] == (1.5, 10.0)
+    one_period_s, duration_s = size_window(1, period_s=period_s, duration_s=10.0,
+                                           min_photos=fleet.MIN_PHOTOS)
+    assert duration_s == 20.0 and one_period_s < IDLE_S / 1.5
+    # only N=1 and N=8 stretch: 32 and 128 devices keep 10 s at the default period
+    windows = {n: size_window(n, period_s=period_s, duration_s=10.0,
+                              min_photos=fleet.MIN_PHOTOS) for n in (1, 8, 32, 128)}
+    assert windows[32] == windows[128] == (period_s, 10.0)
     assert sum(d for _, d in windows.values()) <= 60.0
 
 
