@@ -6,10 +6,10 @@ float32 while every multiply stays int8:
 
 * each linear 1x1 conv (no ReLU after it) runs as ``MatMulIntegerToFloat`` (ONNX Runtime's
   contrib op: a u8 x s8 GEMM with the float scale and bias fused) over a channels-last view of
-  its uint8 input, twice: once with the conv's int8 weights, once with their rounding residual
-  at its own int8 scale, so the weights are ~15 bits and the output float32. ONNX Runtime's
-  transpose optimizer cancels the two Transposes against its NHWC QLinearConvs, and the GEMM
-  runs faster than the QLinearConv it replaces;
+  its uint8 input, so its output is float32. ONNX Runtime's transpose optimizer cancels the two
+  Transposes against its NHWC QLinearConvs, and the GEMM runs faster than the QLinearConv it
+  replaces. Selected ones (``residual_weights``) add a second GEMM of their int8 weights'
+  rounding residual at its own int8 scale: weights of ~15 bits;
 * the residual Adds (quantized by nobody, ``residual_adds``) read each other's float output,
   so the stream is rounded only where an expand conv reads it;
 * selected convs (``extra_bits``) read that stream with 4 more bits: their uint8 input ``q`` is
@@ -18,6 +18,7 @@ float32 while every multiply stays int8:
   input channels sums both.
 
     rewrite(int8_model, float_model, float_adds=residual_adds(float_model.graph),
+            residual_weights=("_blocks.2._project_conv.weight",),
             extra_bits=("_blocks.2._expand_conv.weight",))
 """
 
@@ -54,18 +55,22 @@ def residual_adds(graph: onnx.GraphProto) -> list[str]:
 
 
 def rewrite(model: onnx.ModelProto, float_model: onnx.ModelProto, *,
-            float_adds: Collection[str], extra_bits: Iterable[str] = ()) -> None:
+            float_adds: Collection[str], residual_weights: Iterable[str] = (),
+            extra_bits: Iterable[str] = ()) -> None:
     """Give the QDQ ``model`` (quantized from ``float_model``, its Adds ``float_adds`` left
-    float32) a float32 linear stream, in place; convs whose weight name ends with one of
-    ``extra_bits`` read it with ``EXTRA_STEPS`` finer steps."""
+    float32) a float32 linear stream, in place. Linear 1x1 convs whose weight name ends with
+    one of ``residual_weights`` add a GEMM of their weights' rounding residual; convs whose
+    weight name ends with one of ``extra_bits`` read the stream ``EXTRA_STEPS`` finer."""
     graph = model.graph
     floats = {i.name: numpy_helper.to_array(i) for i in float_model.graph.initializer}
     linear = _linear_conv_weights(float_model.graph)
     float_nodes = set(float_adds)
+    residual = tuple(residual_weights)
     for conv in [n for n in graph.node if n.op_type == "Conv"]:
         weight = _quantized_weight(graph, conv)
         if weight is not None and weight in linear and _is_pointwise(conv):
-            float_nodes.add(_as_gemm(graph, conv, floats[weight], floats.get(linear[weight])))
+            float_nodes.add(_as_gemm(graph, conv, floats[weight], floats.get(linear[weight]),
+                                     residual=bool(residual) and weight.endswith(residual)))
     _read_float(graph, float_nodes)
     suffixes = tuple(extra_bits)
     if suffixes:
@@ -118,9 +123,10 @@ def _quantized_weight(graph: onnx.GraphProto, conv: onnx.NodeProto) -> str | Non
 
 
 def _as_gemm(graph: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray,
-             bias: np.ndarray | None) -> str:
-    """Replace the QDQ 1x1 ``conv`` by two ``MatMulIntegerToFloat`` over NHWC; returns the
-    name of the node that now writes its (float32) output."""
+             bias: np.ndarray | None, *, residual: bool) -> str:
+    """Replace the QDQ 1x1 ``conv`` by ``MatMulIntegerToFloat`` over NHWC (with ``residual``,
+    a second one of the weights' rounding residual, summed); returns the name of the node that
+    now writes its (float32) output."""
     x_dq, w_dq = _producer(graph, conv.input[0]), _producer(graph, conv.input[1])
     assert x_dq is not None and w_dq is not None
     x_q, x_scale, x_zero = x_dq.input[:3]
@@ -129,10 +135,10 @@ def _as_gemm(graph: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray,
     q = q.reshape(channels, -1)
     scale = np.broadcast_to(_init(graph, w_dq.input[1]).astype(np.float64), (channels,))
     w64 = w.reshape(channels, -1).astype(np.float64)
-    residual = w64 - scale[:, None] * q
-    scale_lo = np.abs(residual).max(axis=1) / 127
+    error = w64 - scale[:, None] * q
+    scale_lo = np.abs(error).max(axis=1) / 127
     scale_lo[scale_lo == 0] = 1.0
-    q_lo = np.clip(np.round(residual / scale_lo[:, None]), -127, 127).astype(np.int8)
+    q_lo = np.clip(np.round(error / scale_lo[:, None]), -127, 127).astype(np.int8)
     b = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
     out = conv.output[0]
     p = f"{out}_gemm"
@@ -142,16 +148,20 @@ def _as_gemm(graph: onnx.GraphProto, conv: onnx.NodeProto, w: np.ndarray,
         numpy_helper.from_array(np.ascontiguousarray(q_lo.T), f"{p}_w_lo"),
         numpy_helper.from_array(scale_lo.astype(np.float32), f"{p}_w_lo_scale"),
         numpy_helper.from_array(b, f"{p}_bias")])
+    hi = f"{p}_hi" if residual else f"{p}_y"
     nodes = [
         helper.make_node("Transpose", [x_q], [f"{p}_x"], perm=[0, 2, 3, 1], name=f"{p}_nhwc"),
         helper.make_node("MatMulIntegerToFloat",
                          [f"{p}_x", f"{p}_w", x_scale, f"{p}_w_scale", x_zero, "", f"{p}_bias"],
-                         [f"{p}_hi"], domain="com.microsoft", name=f"{p}_hi"),
-        helper.make_node("MatMulIntegerToFloat",
-                         [f"{p}_x", f"{p}_w_lo", x_scale, f"{p}_w_lo_scale", x_zero],
-                         [f"{p}_lo"], domain="com.microsoft", name=f"{p}_lo"),
-        helper.make_node("Add", [f"{p}_hi", f"{p}_lo"], [f"{p}_y"], name=f"{p}_sum"),
-        helper.make_node("Transpose", [f"{p}_y"], [out], perm=[0, 3, 1, 2], name=f"{p}_nchw")]
+                         [hi], domain="com.microsoft", name=f"{p}_hi")]
+    if residual:
+        nodes += [
+            helper.make_node("MatMulIntegerToFloat",
+                             [f"{p}_x", f"{p}_w_lo", x_scale, f"{p}_w_lo_scale", x_zero],
+                             [f"{p}_lo"], domain="com.microsoft", name=f"{p}_lo"),
+            helper.make_node("Add", [hi, f"{p}_lo"], [f"{p}_y"], name=f"{p}_sum")]
+    nodes.append(helper.make_node("Transpose", [f"{p}_y"], [out], perm=[0, 3, 1, 2],
+                                  name=f"{p}_nchw"))
     at = list(graph.node).index(conv)
     graph.node.remove(conv)
     for offset, node in enumerate(nodes):

@@ -69,7 +69,7 @@ def test_int8_graph_keeps_the_stream_float_and_multiplies_in_int8(tmp_path: Path
     scratch.mkdir()
     int8 = quantize(model, xs, input_name="input", workdir=scratch)
     ops = [n.op_type for n in int8.graph.node]
-    assert ops.count("MatMulIntegerToFloat") == 6  # each project conv: weights + residual
+    assert ops.count("MatMulIntegerToFloat") == 4  # 3 project convs + blocks.2 residual
     assert ops.count("Conv") == 4  # stem and expands stay QDQ convs (QLinearConv in ORT)
     assert EXPANDED in EXTRA_BITS
     assert ops.count("Concat") == 1  # only the EXTRA_BITS expand reads 4 more bits
