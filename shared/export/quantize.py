@@ -141,11 +141,13 @@ __all__ = ["EXTRA_BITS", "FLOAT32_WEIGHTS", "RESIDUAL_WEIGHTS", "Rounded", "quan
 #: speed (none: 29.2 dB, 97.1% / 98.0%, same speed). This setting, exported: 29.3 dB, whole
 #: 97.1% (199/205) / 98.0% (392/400), split at blocks.9 98.5% (202/205) / 98.0% (392/400);
 #: bench runtime, torch eager / ORT fp32 / int8 interleaved at 1 thread: whole 5.3x, middle
-#: head 4.9x (``--bundle`` of that export); plain ``bench runtime --out`` (its own export, the
-#: machine busy: measured in 110 s against 51, ORT fp32 2.4x against 3.0x) 4.3x / 3.7x; RUN5;
-#: ``--points middle`` on that export twice, alternating with the previous default's export
-#: (95.6% / 96.1%): 5.3x / 5.2x and 4.9x / 5.1x, previous 5.7x / 6.3x and 5.5x / 6.3x (int8
-#: 5.1-5.2 ms whole against 4.7, 3.6-3.7 ms middle head against 3.2).
+#: head 4.9x (``--bundle`` of that export); plain ``python -m bench runtime --out DIR``
+#: (exporting in a child process) 5.5x / 4.9x and 5.4x / 4.8x; ``--points middle`` on that
+#: export twice, alternating with the previous default's export (95.6% / 96.1%): 5.3x / 5.2x
+#: and 4.9x / 5.1x, previous 5.7x / 6.3x and 5.5x / 6.3x (int8 5.1-5.2 ms whole against 4.7,
+#: 3.6-3.7 ms middle head against 3.2). Before bench runtime exported in a child process, an
+#: in-process export left torch eager ~20% faster (28-30 -> 22 ms) and the plain command read
+#: 4.3-4.4x / 3.7-3.8x (and ORT fp32 2.4-2.5x).
 FLOAT32_WEIGHTS = (
     "_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_blocks.0._project_conv.weight",
 )
