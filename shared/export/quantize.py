@@ -5,7 +5,8 @@ scale per output channel. Each graph is pre-processed first (ONNX Runtime folds 
 the convolution before it), so the int8 weights are the fused ones, as the float graph runs.
 Each conv's int8 weights are then rounded up or down to move its output least
 (``shared.export.rounding``) rather than to the nearest step, the stem and blocks.0 stay
-float32 (``FLOAT32_WEIGHTS``), and the classifier writes float32 logits. No torch.
+float32 (``FLOAT32_WEIGHTS``), the classifier writes float32 logits, and the linear residual
+stream stays float32 with int8 multiplies (``shared.export.stream``; ``EXTRA_BITS``). No torch.
 
     inputs = calibration_inputs(images, preprocessing)     # float32 arrays, (1, 3, H, W)
     int8 = quantize(head, inputs, workdir=tmp)
@@ -25,8 +26,9 @@ import onnx
 
 from shared.errors import ExportError
 from shared.export.rounding import input_moments, round_weights
+from shared.export.stream import residual_adds, rewrite
 
-__all__ = ["FLOAT32_WEIGHTS", "Rounded", "quantize"]
+__all__ = ["EXTRA_BITS", "FLOAT32_WEIGHTS", "RESIDUAL_WEIGHTS", "Rounded", "quantize"]
 
 #: Convolutions (by their weight's name) that stay float32, with the Clip (ReLU6) after each.
 #: Measured on efficientnet_lite0, whole model: top-1 agreement with float32 on the 5 photos +
@@ -105,9 +107,58 @@ __all__ = ["FLOAT32_WEIGHTS", "Rounded", "quantize"]
 #: 480 -> 80 1x1 conv at 14x14; float32 Conv 0.22 ms): 22 ms whole.
 #: blocks.0 reads the stem's output at 112x112 and its float32 convs cost about what their
 #: Q/DQ pairs save; blocks.1's 96-channel 112x112 input would not.
+#: The float32 stream at int8 speed (this setting, ``shared.export.stream``). ORT's profiler
+#: (SessionOptions.enable_profiling, shared.ortsession's options, 100 runs, whole model) on the
+#: float-project setting above: 8.15 ms against 4.49 for the default int8 graph, of it float
+#: Conv 2.92 ms (15 project convs 2.3 ms, ~5x their QLinearConvs), ReorderInput/ReorderOutput
+#: 0.75 ms (float Conv runs NCHWc), DequantizeLinear 0.48, Transpose 0.38 (32 of them, at every
+#: int8/float boundary), QuantizeLinear 0.31. A 1x1 conv as com.microsoft MatMulIntegerToFloat
+#: over a channels-last [.., Cin] uint8 view (u8 x s8 GEMM, float scale and bias fused) runs
+#: 0.018 ms for 480 -> 80 at 14x14, against QLinearConv 0.039 and float32 Conv 0.111 (the 3-9x
+#: slower ConvInteger/MatMulInteger above had the weights as the int8 left operand: MLAS's slow
+#: s8 x u8 path); its Transposes cancel against the NHWC QLinearConvs (the optimized graph keeps
+#: 2 Transposes). Every project conv so (its adaptively rounded int8 weights plus a second GEMM
+#: of their rounding residual at its own int8 scale: weights to 3e-5 of their range), residual
+#: Adds float32 reading each other: 5.0 ms profiled, 28.4 dB, 96.1% / 97.75% (one term, 4.2 ms,
+#: int8 weights only: 28.1 dB, 95.1% / 97.75%). Its logits differ from the float-weight setting's
+#: by 30 dB although every tensor's SQNR against float32 matches to 0.1 dB: a 1e-4 change in
+#: blocks.1 flips uint8 roundings downstream, so 200/205 there and 197/205 here are two draws of
+#: one noise (as above). The rest of the linear noise is where expand convs read the stream at
+#: uint8: ``EXTRA_BITS`` convs also read its rounding residual at 1/8 step (a second uint8 input,
+#: weights / 8, one QLinearConv of twice the input channels). All 15 expand convs + _conv_head:
+#: 30.9 dB, 98.0% / 97.75%, +1.2 ms (4.2-4.4x); per conv, calibration-view dB: blocks.2 +0.59,
+#: 11 +0.31, 1 +0.22, 8 +0.19, 7 +0.19, 6 +0.18, 15 +0.16, 5 +0.15, 9 +0.13, 10 +0.11, 3 +0.11,
+#: head +0.09, 14 +0.05, 13 +0.04, 12 +0.00, 4 -0.06; the 7 with most dB per MAC (2, 5-8, 11, 15)
+#: 29.6 dB, 98.0% / 98.0%; 2, 7, 8, 11 29.1 dB, 97.6% / 98.5%. Exported (``python -m
+#: device_client export --model efficientnet_lite0 --int8``) with every project's residual GEMM
+#: and those 7: 29.5 dB, whole 97.6% (200/205) / 99.0% (396/400), split at blocks.9 98.0% /
+#: 98.75%; ``bench runtime --bundle`` on it whole 4.8x, middle head 4.4x (another run, the
+#: machine busier: 4.0x / 3.6x). ORT's profile of that middle head (3.85 ms): the residual GEMMs
+#: and their Adds 0.46 ms for +0.27 dB, the extra bits 0.44 ms (doubled expand QLinearConvs 0.22,
+#: Sub/Q/DQ/Concat 0.22). Residual GEMM per project, calibration-view dB: blocks.2 +0.17, 8
+#: +0.10, 11 +0.05, 3 +0.04, others -0.08 to +0.03; only 2 and 8 (``RESIDUAL_WEIGHTS``) with
+#: the 7 extra-bit convs: 29.3 dB, scratch graph 97.6% / 97.25% at 0.95x the default int8's
+#: speed (none: 29.2 dB, 97.1% / 98.0%, same speed). This setting, exported: 29.3 dB, whole
+#: 97.1% (199/205) / 98.0% (392/400), split at blocks.9 98.5% (202/205) / 98.0% (392/400);
+#: bench runtime, torch eager / ORT fp32 / int8 interleaved at 1 thread: whole 5.3x, middle
+#: head 4.9x (``--bundle`` of that export); plain ``python -m bench runtime --out DIR``
+#: (exporting in a child process) 5.5x / 4.9x and 5.4x / 4.8x; ``--points middle`` on that
+#: export twice, alternating with the previous default's export (95.6% / 96.1%): 5.3x / 5.2x
+#: and 4.9x / 5.1x, previous 5.7x / 6.3x and 5.5x / 6.3x (int8 5.1-5.2 ms whole against 4.7,
+#: 3.6-3.7 ms middle head against 3.2). Before bench runtime exported in a child process, an
+#: in-process export left torch eager ~20% faster (28-30 -> 22 ms) and the plain command read
+#: 4.3-4.4x / 3.7-3.8x (and ORT fp32 2.4-2.5x).
 FLOAT32_WEIGHTS = (
     "_conv_stem.weight", "_blocks.0._depthwise_conv.weight", "_blocks.0._project_conv.weight",
 )
+
+#: Convs (by weight name) that read the float32 residual stream with 4 more bits
+#: (``shared.export.stream``): the expand convs with the most calibration-view dB per MAC.
+EXTRA_BITS = tuple(f"_blocks.{b}._expand_conv.weight" for b in (2, 5, 6, 7, 8, 11, 15))
+
+#: Project convs (by weight name) whose int8 weights' rounding residual runs as a second GEMM:
+#: the two that gained calibration-view dB (+0.17, +0.10; the others -0.08 to +0.05).
+RESIDUAL_WEIGHTS = tuple(f"_blocks.{b}._project_conv.weight" for b in (2, 8))
 
 
 #: Adaptively rounded int8 weights by name, with the scale they were rounded at.
@@ -144,16 +195,21 @@ def quantize(model: onnx.ModelProto, inputs: Sequence[np.ndarray], *, input_name
     try:
         with _quiet():
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            float_model = onnx.load(str(pre))
+            adds = residual_adds(float_model.graph)
             quantize_static(str(pre), str(out), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=_float32_nodes(pre),
+                            weight_type=QuantType.QInt8,
+                            nodes_to_exclude=[*_float32_nodes(pre), *adds],
                             calibrate_method=CalibrationMethod.MinMax)
     except Exception as exc:  # onnxruntime.quantization raises plain Exceptions
         raise ExportError(f"int8 quantization failed: {exc}") from exc
     quantized = onnx.load(str(out))
     _float_logits(quantized)
-    _round(quantized, onnx.load(str(pre)), inputs, input_name=input_name, workdir=workdir,
+    _round(quantized, float_model, inputs, input_name=input_name, workdir=workdir,
            rounded={} if rounded is None else rounded)
+    rewrite(quantized, float_model, float_adds=adds, residual_weights=RESIDUAL_WEIGHTS,
+            extra_bits=EXTRA_BITS)
     for path in (src, pre, out):
         path.unlink(missing_ok=True)
     return quantized

@@ -23,7 +23,13 @@ from shared.bundle import FORMAT_VERSION, MANIFEST_NAME, file_sha256, load_bundl
 from shared.errors import ConfigError, ImageError
 from shared.export.check import Checker
 from shared.export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, export_probe, extract
-from shared.export.quantize import FLOAT32_WEIGHTS, Rounded, quantize
+from shared.export.quantize import (
+    EXTRA_BITS,
+    FLOAT32_WEIGHTS,
+    RESIDUAL_WEIGHTS,
+    Rounded,
+    quantize,
+)
 from shared.export.weights import SharedWeights
 from shared.models import fingerprint, get_model, get_spec, imagenet_labels
 from shared.models.registry import Weights
@@ -159,7 +165,10 @@ def _build(staging: Path, name: str, model: torch.nn.Module, pre: Preprocessing,
         extra["calibration"] = {"images": len(calib), "method": "minmax", "format": "qdq",
                                 "weights": "int8 per channel, adaptive rounding",
                                 "activations": "uint8",
-                                "float32_weights": list(FLOAT32_WEIGHTS)}
+                                "float32_weights": list(FLOAT32_WEIGHTS),
+                                "residual_stream": "float32, int8 GEMMs",
+                                "residual_weights": list(RESIDUAL_WEIGHTS),
+                                "extra_bits": list(EXTRA_BITS)}
     return {
         "format_version": FORMAT_VERSION, "model": name, "fingerprint": fingerprint(model),
         "opset": OPSET,

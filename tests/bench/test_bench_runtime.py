@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.runtime import table_rows, write_outputs
+from bench.runtime import open_bundle, table_rows, write_outputs
 from bench.runtime_measure import Agreement, CaseTimes, cpu_info, install_sizes, low_quantile_ms
+from shared.errors import ExportError
 
 CPUINFO = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Processor
@@ -66,3 +67,11 @@ def test_outputs_are_written(tmp_path: Path) -> None:
     md = paths[1].read_text()
     assert "avx512_vnni" in md and "100.0% (5/5)" in md and "installed torch" in md
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_export_is_one_line(tmp_path: Path) -> None:
+    # The bundle is exported by a child `device_client export` (an export in the measuring
+    # process changes torch eager's speed); its failure surfaces as one ExportError line.
+    with pytest.raises(ExportError, match="exporting no_such_model") as err:
+        open_bundle(tmp_path / "bundle", "no_such_model", "0" * 16, export=True)
+    assert "\n" not in str(err.value)
