@@ -77,7 +77,7 @@ _Req = list[Any]
 # between two rounds' windows, on the simulation's clock: every request answered or timed out
 # (bench fleet waits for the last answer, then 1 s, and runs the other policies' windows)
 ROUND_GAP_MS = 11_000.0
-IDLE_MS = IDLE_S * 1e3  # a replica idle this long runs the next request cold
+IDLE_MS = IDLE_S * 1e3  # a service idle this long runs the next request cold
 
 
 @dataclass(frozen=True)
@@ -477,8 +477,10 @@ class _Sim:
             self.fail(dev, req, now + self.down_ms[dev], timeout=False)
             return
         if self.in_service:  # decoded in its own thread, as long as the run's decodes took
-            # how busy the key is: its latest batch's size, or 0 for an idle replica (cold)
-            req[5] = r.inflight == 0 and now - r.idle_at >= IDLE_MS
+            # how busy the key is: its latest batch's size, or 0 for an idle service (cold).
+            # Idle as the measured runs were classed (fleet_sim_served._cold): no request in
+            # flight on any replica, as a device sees the service, not on this replica alone
+            req[5] = self.service_idle(now)
             last = 0 if req[5] else r.last_batch.get(cand, 1)
             r.inflight += 1
             r.incoming += 1
@@ -491,6 +493,11 @@ class _Sim:
         r.inflight += 1
         r.incoming += 1
         self.to_loop(r, self.request_ms[cand], _QUEUE, req)
+
+    def service_idle(self, now: float) -> bool:
+        """No request in flight on any replica for ``IDLE_MS``: the next one runs cold."""
+        return all(r.inflight == 0 for r in self.reps) and \
+            now - max(r.idle_at for r in self.reps) >= IDLE_MS
 
     def loop_cost(self, cand: str, cold: bool) -> tuple[float, float]:
         """A request's event-loop CPU (``LOOP_SHARE`` of its overhead's lower quartile, which

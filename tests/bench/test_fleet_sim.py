@@ -254,3 +254,12 @@ def test_a_lone_request_after_an_idle_gap_runs_cold() -> None:
     slow = simulate(_measured(500.0), "middle", devices=1)  # idle ~0.45 s before each
     fast = simulate(_measured(100.0), "middle", devices=1)  # idle ~0.05 s: warm
     assert slow.p50_ms - fast.p50_ms == pytest.approx((4 + 20 + 10) - (2 + 10 + 5), abs=0.5)
+
+
+def test_idle_is_the_whole_service_s_as_the_measured_runs_class_it() -> None:
+    # one device, a photo every 0.2 s, two replicas: each replica alone sits idle ~0.4 s
+    # between its requests, but the service (what the device sees, and what
+    # fleet_sim_served._cold classes by) never idles 0.3 s, so nothing runs cold
+    two = simulate(_measured(200.0), "middle", devices=1, replicas=2)
+    one = simulate(_measured(200.0), "middle", devices=1, replicas=1)
+    assert two.p50_ms == pytest.approx(one.p50_ms, abs=0.5)
