@@ -21,7 +21,7 @@ policy one window of ``--duration / --rounds`` seconds per round in a rotating o
 devices (clients, ``auto``'s state) kept across its windows, its warm-up before its first
 window only, and its windows pooled into one row. A small fleet's window stretches until it
 holds ``--min-photos`` photos (at most 2x ``--duration``), then its photo period shrinks
-(N=1: 120 photos in 20 s, one every 0.17 s; N=8: 18 s; the row's
+(N=1: 120 photos in 20 s, one every 0.17 s; N=8: 15 s; the row's
 ``period_ms`` says). 120, not 40: a single device's p95 over 40 photos is its 2nd slowest
 (two runs of the same choice differed 20%), and at one every 0.5 s the service sleeps 0.4 s
 before each request and runs it cold (``bench.fleet_sim_served.IDLE_S``), unlike any larger
@@ -70,13 +70,14 @@ NAMED_SPLITS = {"early": "_blocks.3", "middle": "_blocks.9", "late": "_blocks.15
 DEFAULT_POLICIES = (CLOUD, DEVICE, "early", "middle", "late", AUTO)
 MIN_PHOTOS = 120  # per policy and fleet size (module docstring)
 LINK_MIX = ("lan", "wifi", "lte", "3g")  # device 0 is on lan: N=1 gives the proxy's overhead
-# 128 devices at one photo per 1.2 s offer ~107 requests/s: a third over what the one-core
-# service serves of whole models from JPEGs (~63/s at small batches, ~80/s in batches of 16),
-# under what it serves of middle tails (102/s at a batch of 1.3, measured at 1.2 s). At 1.5 s
-# (85/s) `cloud` sat at its knife edge: 5-10% on the speed of a 16-row pass moved its p95
-# between 1.1 and 2 s in the simulation, and the measured one is a coin toss there too; a third
-# over capacity every device falls behind and p95 follows the capacity. (An older, slower
-# service saturated the middle tail at 1.2 s on a busy hour.)
+# 128 devices at one photo a second offer ~128 requests/s: 1.6-2x what the one-core service
+# serves of whole models from JPEGs (~63/s at small batches, ~80/s in batches of 16), under what
+# it serves of middle tails (125/s at a mean batch of 1.3, measured at 1 s). Not 1.5 s (85/s):
+# there `cloud` sat at its knife edge, where 5-10% on the speed of a 16-row pass moved its p95
+# between 1.1 and 2 s. Past capacity every device falls behind by (1 - capacity / offered) of
+# the time, so a p95's error is a throughput error times capacity / (offered - capacity): ~3x
+# at 1.2 s (107/s), ~1.7x at 1 s. (An older, slower service saturated the middle tail at 1.2 s
+# on a busy hour.)
 # The service's default start-up profile (median of 5 per split point): auto plans with it, and
 # one run per split point (bench service's setting) made near-ties between cheap-head splits and
 # cloud on a LAN go either way from one start to the next.

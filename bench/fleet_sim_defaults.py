@@ -19,7 +19,7 @@ from shared.errors import ConfigError
 __all__ = ["PERIOD_MS", "default_inputs_doc", "http_cpu_ms"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PERIOD_MS = 1200.0  # bench fleet's default (--period-ms): one photo per 1.2 s per device
+PERIOD_MS = 1000.0  # bench fleet's default (--period-ms): one photo a second per device
 DURATION_S = 10.0  # bench fleet's defaults: 4 s warm-up, 10 s measured, 10 s deadline
 WARMUP_S = 4.0
 TIMEOUT_S = 10.0
