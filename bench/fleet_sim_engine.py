@@ -274,6 +274,7 @@ class _Sim:
         # it) and the delay besides, from the overhead the runs saw at low load (batch size 1;
         # cold: the idle replica's); later sizes' overheads hold the loop's queue, simulated here
         self.loop_draws = {c: (d[1], d[0]) for c, d in self.overhead_draws.items()}  # sorted
+        self.alone_draws = svc.alone_overhead_draws
         # AutoSplit's start-up: the metadata (a GET), then the probe's four uploads
         self.probe_up_ms = [[lk.rtt_ms / 2 + lk.up_ms(b + HTTP_OVERHEAD_BYTES)
                              for b in (0, *PROBE_BYTES)] for lk in links]
@@ -481,10 +482,11 @@ class _Sim:
             # Idle as the measured runs were classed (fleet_sim_served._cold): no request in
             # flight on any replica, as a device sees the service, not on this replica alone
             req[5] = self.service_idle(now)
+            alone = all(rep.inflight == 0 for rep in self.reps)
             last = 0 if req[5] else r.last_batch.get(cand, 1)
             r.inflight += 1
             r.incoming += 1
-            loop_ms, delay_ms = self.loop_cost(cand, req[5])
+            loop_ms, delay_ms = self.loop_cost(cand, req[5], alone=alone)
             decode_ms = self.rng.choice(self.decode_draws[cand][last])
             # req[6:11]: the delay besides the loop, the answer's loop CPU, arrival, read, decode
             req.extend((delay_ms, loop_ms / 2, now, now, decode_ms))
@@ -499,12 +501,15 @@ class _Sim:
         return all(r.inflight == 0 for r in self.reps) and \
             now - max(r.idle_at for r in self.reps) >= IDLE_MS
 
-    def loop_cost(self, cand: str, cold: bool) -> tuple[float, float]:
+    def loop_cost(self, cand: str, cold: bool, *, alone: bool = False) -> tuple[float, float]:
         """A request's event-loop CPU (``LOOP_SHARE`` of its overhead's lower quartile, which
-        no queue is in) and its delay besides (the rest of a drawn overhead)."""
+        no queue is in) and its delay besides (the rest of a drawn overhead: for a warm request
+        that finds the service empty, one of the lone overheads that had it to themselves)."""
         warm, idle = self.loop_draws.get(cand, ((0.0,), (0.0,)))
         draws = idle if cold else warm
         loop_ms = draws[len(draws) // 4] * LOOP_SHARE
+        if alone and not cold and cand in self.alone_draws:
+            draws = self.alone_draws[cand]
         return loop_ms, max(0.0, self.rng.choice(draws) - loop_ms)
 
     def to_loop(self, r: _Replica, cost_ms: float, then: int, payload: Any) -> None:

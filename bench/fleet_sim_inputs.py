@@ -70,6 +70,9 @@ class ServiceTimes:
     # candidate -> one forward pass of a request that found the replica idle (batch size 0 of
     # decode_draws and overhead_draws: its other two times); see bench.fleet_sim_served.IDLE_S
     cold_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # candidate -> the overhead of a warm lone request that had the service to itself
+    # (bench.fleet_sim_served: ``overhead_alone_ms``); empty: ``overhead_draws``' batch size 1
+    alone_overhead_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for cand, sizes in self.batch_ms.items():
@@ -135,7 +138,9 @@ class ServiceTimes:
                 "spread": self.spread, "in_service": self.in_service,
                 **({"decode_draws": _sizes_json(self.decode_draws),
                     "overhead_draws": _sizes_json(self.overhead_draws),
-                    "cold_draws": {c: list(xs) for c, xs in self.cold_draws.items()}}
+                    "cold_draws": {c: list(xs) for c, xs in self.cold_draws.items()},
+                    "alone_overhead_draws": {c: list(xs)
+                                             for c, xs in self.alone_overhead_draws.items()}}
                    if self.in_service else {})}
 
     def by_size(self, draws: Mapping[int, tuple[float, ...]] | None, batch_max: int,

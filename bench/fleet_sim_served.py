@@ -16,6 +16,12 @@ exactly):
 * ``overhead_ms[candidate][batch size]``: the round trip less the service's three times and
   less the emulated link's own time (RTT, the body and ``HTTP_OVERHEAD_BYTES`` up, the answer
   down): HTTP parsing and answering, the event loop's backlog, thread hand-offs, a proxy;
+* ``overhead_alone_ms[candidate]``: the overheads of the batch-size-1 requests (not cold) that
+  had the service to themselves, no other request in flight at any point of theirs (seen from
+  the devices, as the cold class is): a Serve proxy or event loop with nothing else to do. The
+  lone requests of 32 devices carry the proxy's and the loop's queueing, which a single device
+  never meets (on Ray Serve 32 devices' lone overheads made single-device runs simulate 29-51%
+  slow); the simulation draws a request that arrives at an empty service from this class;
 * ``queue_ms[candidate][batch size]``: kept to compare with the simulation's, never fed to it;
 * batch size ``0`` stands for a request that found the service idle for ``IDLE_S`` or more
   (nothing else in flight): such a request is slower in all three of its times. Measured on
@@ -115,6 +121,8 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
     queue: dict[str, dict[str, Hist]] = {}
     batches: set[tuple[str, int, float]] = set()
     cold = _cold(records, inputs)
+    alone = _alone(records, inputs)
+    overhead_alone: dict[str, Hist] = {}
     for i, r in enumerate(records):
         if not r.served or r.compute_ms is None or not _within(r.done_s, windows):
             continue
@@ -129,15 +137,18 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             server_ms = r.decode_ms + r.queue_ms + r.compute_ms
             extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
             _add(overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
+            if n == 1 and i in alone:
+                _add(overhead_alone.setdefault(cand, _new()), max(0.0, extra))
     return {"compute_ms": compute, "decode_ms": decode, "overhead_ms": overhead,
-            "queue_ms": queue, "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)},
+            "overhead_alone_ms": overhead_alone, "queue_ms": queue,
+            "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)},
             "idle_s": IDLE_S}
 
 
-def _cold(records: list[Any], inputs: Any) -> set[int]:
-    """Indices of the answered requests that reached a service with nothing in flight for
-    ``IDLE_S`` (the service's side seen from the device's clock: from the request leaving,
-    plus its link's one-way time, to the answer, less it)."""
+def _spans(records: list[Any], inputs: Any) -> list[tuple[float, float, int]]:
+    """(arrive_s, leave_s, index) of each answered request at the service, by arrival: the
+    service's side seen from the device's clock (from the request leaving, plus its link's
+    one-way time, to the answer, less it)."""
     spans = []
     for i, r in enumerate(records):
         if r.served and r.link in PROFILES:
@@ -145,7 +156,25 @@ def _cold(records: list[Any], inputs: Any) -> set[int]:
             sent_s = r.sent_s if r.sent_s is not None else (
                 r.start_s + inputs.head_ms(r.candidate) / 1e3)
             spans.append((sent_s + one_way_s, r.done_s - one_way_s, i))
-    spans.sort()
+    return sorted(spans)
+
+
+def _alone(records: list[Any], inputs: Any) -> set[int]:
+    """Indices of the answered requests no other request overlapped at the service."""
+    spans = _spans(records, inputs)
+    out, busy_until = set(), -math.inf
+    for k, (arrive_s, leave_s, i) in enumerate(spans):
+        follows = spans[k + 1][0] if k + 1 < len(spans) else math.inf
+        if arrive_s >= busy_until and follows >= leave_s:
+            out.add(i)
+        busy_until = max(busy_until, leave_s)
+    return out
+
+
+def _cold(records: list[Any], inputs: Any) -> set[int]:
+    """Indices of the answered requests that reached a service with nothing in flight for
+    ``IDLE_S`` (``_spans``)."""
+    spans = _spans(records, inputs)
     out, busy_until = set(), -math.inf
     for arrive_s, leave_s, i in spans:
         if arrive_s - busy_until >= IDLE_S:
@@ -200,6 +229,8 @@ def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             for cand, sizes in served.get(part, {}).items():
                 for n, hist in sizes.items():
                     _merge(group[part].setdefault(cand, {}).setdefault(n, _new()), hist)
+        for cand, hist in served.get("overhead_alone_ms", {}).items():
+            _merge(group.setdefault("overhead_alone_ms", {}).setdefault(cand, _new()), hist)
         for n, hist in served.get("device_lag_ms", {}).items():
             _merge(group.setdefault("device_lag_ms", {}).setdefault(n, _new()), hist)
     return out
@@ -271,9 +302,11 @@ def service_times(group: Mapping[str, Any]) -> ServiceTimes:
               if c in batch_ms and (d := _sized(sizes))}
     overhead = {c: d for c, sizes in group.get("overhead_ms", {}).items()
                 if c in batch_ms and (d := _sized(sizes))}
+    alone = {c: draws(h) for c, h in group.get("overhead_alone_ms", {}).items()
+             if c in batch_ms and int(h["count"]) >= MIN_BATCHES}
     return ServiceTimes(batch_ms, {c: _mean(sizes) for c, sizes in decode.items()},
                         spread=True, in_service=True, decode_draws=decode,
-                        overhead_draws=overhead, cold_draws=cold)
+                        overhead_draws=overhead, cold_draws=cold, alone_overhead_draws=alone)
 
 
 def _sized(sizes: Mapping[str, Mapping[str, Any]]) -> dict[int, tuple[float, ...]]:

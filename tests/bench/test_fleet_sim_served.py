@@ -67,6 +67,29 @@ def test_a_batch_counts_once_and_overhead_is_what_the_link_and_service_leave() -
     assert summary["device_lag_ms"]["2"]["count"] == 4
 
 
+def test_a_lone_request_that_had_the_service_to_itself_is_counted_alone() -> None:
+    # 0.10 s and 0.25 s: warm, nothing else in flight; 0.40 s and 0.40 s: two at once
+    records = [_answer(0, 0.0), _answer(0, 0.10, overhead_ms=3.0),
+               _answer(0, 0.25, overhead_ms=3.0), _answer(0, 0.40, overhead_ms=9.0),
+               _answer(1, 0.40, overhead_ms=9.0)]
+    summary = served.run_summary(records, _spec(), HEADS)
+    alone = summary["overhead_alone_ms"][SPLIT]
+    assert alone["count"] == 2 and _mean(alone) == pytest.approx(3.0, abs=1e-6)
+    assert summary["overhead_ms"][SPLIT]["1"]["count"] == 4  # batch size 1 keeps them all
+    group = served.pooled({"runs": [{"served": summary}, {"served": summary}]})["uvicorn/1"]
+    times = served.service_times(group)
+    assert times.alone_overhead_draws[SPLIT] == pytest.approx((3.0,) * 4, rel=0.04)
+
+
+def test_a_request_at_an_empty_service_draws_a_lone_overhead() -> None:
+    inputs = replace(load_inputs(_served_doc(70.0)), period_ms=150.0)  # warm, one at a time
+    base = simulate(inputs, "middle", devices=1, seed=1)
+    times = replace(inputs.service, alone_overhead_draws={SPLIT: (54.0,)})
+    slow = simulate(replace(inputs, service=times), "middle", devices=1, seed=1)
+    # one device: every request finds the service empty, so every one takes the alone class
+    assert slow.p50_ms == pytest.approx(base.p50_ms + 50.0, abs=2.0)
+
+
 def test_answers_outside_the_window_are_left_out() -> None:
     records = [_answer(0, 0.0), _answer(0, 5.0)]
     summary = served.run_summary(records, _spec(window=(1.0, 10.0)), HEADS)
