@@ -231,10 +231,13 @@ class _Pool:
 
 
 def _shifted(record: Record, offset_s: float) -> Record:
+    """``record`` moved ``offset_s`` later, every time in it (``sent_s`` too: the served
+    times' cold and alone classes and the device lag read it beside the others)."""
     if not offset_s:
         return record
-    return replace(record, photo_s=record.photo_s + offset_s,
-                   start_s=record.start_s + offset_s, done_s=record.done_s + offset_s)
+    sent_s = None if record.sent_s is None else record.sent_s + offset_s
+    return replace(record, photo_s=record.photo_s + offset_s, start_s=record.start_s + offset_s,
+                   done_s=record.done_s + offset_s, sent_s=sent_s)
 
 
 def _within(t: float, windows: Sequence[Window]) -> bool:

@@ -160,6 +160,21 @@ def test_a_policy_s_windows_pool_on_one_time_line() -> None:
     assert first["throughput_rps"] == 0.5 and second["throughput_rps"] == 0.5
 
 
+
+def test_pooling_moves_every_time_of_a_record_sent_s_too() -> None:
+    # sent_s stayed on the window's own clock once: round 2's requests then "left" before
+    # round 1's answers, and every later request overlapped them (no cold or alone ones)
+    spec = RunSpec(policy=CLOUD, devices=1, link_mix=("lan",), period_s=1.0, warmup_s=0.0,
+                   duration_s=4.0, timeout_s=5.0, rounds=2)
+    pool = _Pool(MODEL)
+    pool.add([_record(0.5, 100.0, served=True, sent_s=0.52)], 0.0, spec.round_s, None, None, 2.0)
+    pool.add([_record(0.5, 100.0, served=True, sent_s=0.52)], 0.0, spec.round_s, None, None, 2.0)
+    first, second = pool.run().records
+    shift_s = second.photo_s - first.photo_s
+    assert shift_s > 2.0
+    assert second.sent_s is not None and first.sent_s is not None
+    assert second.sent_s - first.sent_s == pytest.approx(shift_s)
+
 # --- aggregation -------------------------------------------------------------------------------
 
 
