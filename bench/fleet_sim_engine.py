@@ -33,9 +33,11 @@ The replica keeps the figures the real service publishes (``Batcher.wait_ms`` an
 ``Service.load``: EWMA compute ms per row and rows per batch per key, the batch in flight; the
 metadata's ``server_ms`` from its own ``cloud_server.costs.ServerCosts``, profiled with the
 service times' lone request and fed every answer as the service feeds it), so ``auto``
-(``bench.fleet_sim_auto``) plans with what it would be told. A request that finds its replica
-idle for ``bench.fleet_sim_served.IDLE_S`` runs cold: its decode, compute and overhead are
-drawn from the requests that found the measured service so (batch size 0).
+(``bench.fleet_sim_auto``) plans with what it would be told. A request that finds the whole
+service (every replica) idle for ``bench.fleet_sim_served.IDLE_S`` runs cold: its decode,
+compute and overhead are drawn from the requests that found the measured service so (batch
+size 0); a warm one that finds it empty draws its overhead from the measured lone requests
+that had the service to themselves (``overhead_alone_ms``).
 """
 
 from __future__ import annotations
