@@ -51,11 +51,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import fleet_report, fleet_sim, report, service
+from bench import fleet_records, fleet_report, fleet_sim, report, service
 from bench.fleet_device import FleetInputs
 from bench.fleet_inputs import device_profile, encode_payloads
 from bench.fleet_rounds import size_window
-from bench.fleet_run import RunSpec, bar, run_rounds, summarize
+from bench.fleet_run import FleetRun, RunSpec, bar, run_rounds, summarize
 from bench.fleet_sim_defaults import PERIOD_MS
 from bench.netem import PROFILES
 from bench.service_compute import CpuLayout, cpu_layout
@@ -195,11 +195,12 @@ def run(args: argparse.Namespace) -> int:
               "warmup_s": warmup, "duration_s": duration, "timeout_s": args.timeout,
               "seed": args.seed, "rounds": rounds, "min_photos": min_photos}
     runs: list[dict[str, Any]] = []
+    measured: list[tuple[dict[str, Any], RunSpec, FleetRun]] = []  # for fleet_records
     notes = []
     if "uvicorn" in engines:
         with service._service(console, MODEL, settings, layout,
                               profile_repeats=PROFILE_REPEATS) as svc:
-            runs += _runs(console, svc.url, inputs, "uvicorn", 1, policies, sizes, common)
+            measured += _runs(console, svc.url, inputs, "uvicorn", 1, policies, sizes, common)
     if "ray-serve" in engines:
         ordered = sorted(sizes)
         ray_sizes = args.ray_devices or sorted({ordered[0], ordered[max(0, len(ordered) - 2)]})
@@ -207,12 +208,14 @@ def run(args: argparse.Namespace) -> int:
         for replicas in args.replicas or [1, 2]:
             try:
                 with _ray(settings, layout, replicas) as url:
-                    runs += _runs(console, url, inputs, "ray-serve", replicas, ray_policies,
-                                  ray_sizes, common)
+                    measured += _runs(console, url, inputs, "ray-serve", replicas,
+                                      ray_policies, ray_sizes, common)
             except ConfigError as exc:
                 notes.append(f"ray-serve skipped: {exc}")
                 console.print(f"[yellow]{notes[-1]}[/]")
                 break
+    runs = [row for row, _, _ in measured]
+    fleet_records.save(args.out / fleet_records.RECORDS_NAME, measured)
     doc = _document(args, runs, inputs, profile_doc, settings, layout, common, sizes, engines,
                     notes, time.perf_counter() - started)
     doc["simulation"] = simulation(doc, cache)
@@ -229,9 +232,11 @@ def _settings(layout: CpuLayout) -> dict[str, Any]:
 
 
 def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: int,
-          policies: list[str], sizes: list[int], common: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every policy at every size: one size at a time, its policies side by side in rounds."""
-    rows = []
+          policies: list[str], sizes: list[int], common: dict[str, Any],
+          ) -> list[tuple[dict[str, Any], RunSpec, FleetRun]]:
+    """Every policy at every size: one size at a time, its policies side by side in rounds.
+    Each run's fleet.json row, with its spec and records (``bench.fleet_records``)."""
+    rows: list[tuple[dict[str, Any], RunSpec, FleetRun]] = []
     common = dict(common)
     min_photos = common.pop("min_photos")
     for n in sizes:
@@ -258,7 +263,7 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
             row["served"] = fleet_sim.served(result.records, spec, inputs,  # the sim's inputs
                                               windows=result.windows)
             console.print(fleet_report.progress(row))
-            rows.append(row)
+            rows.append((row, spec, result))
     return rows
 
 
