@@ -63,3 +63,35 @@ def load(path: Path) -> Iterator[SavedRun]:
                            tuple((float(a), float(b)) for a, b in line["windows"]),
                            tuple(Record(**dict(zip(fields, values, strict=True)))
                                  for values in line["records"]))
+
+
+class _Heads:
+    """``head_ms(candidate)`` from a fleet.json's ``inputs.head_ms`` (what ``run_summary``
+    reads of the run's ``FleetInputs``)."""
+
+    def __init__(self, head_ms: Mapping[str, float]) -> None:
+        self._head_ms = dict(head_ms)
+
+    def head_ms(self, candidate: str) -> float:
+        return float(self._head_ms[candidate])
+
+
+def resummarized(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """``doc`` (a fleet.json) with each run's ``served`` summarised again from the records
+    saved at ``path``, by ``bench.fleet_sim_served.run_summary`` as it classes them now."""
+    from bench.fleet_sim_served import run_summary
+
+    heads = _Heads(doc["inputs"]["head_ms"])
+    by_key = {_key(s.key): s for s in load(path)}
+    runs = []
+    for row in doc.get("runs", []):
+        saved = by_key.get(_key(row))
+        if saved is not None:
+            row = {**row, "served": run_summary(saved.records, saved.spec, heads,
+                                                windows=saved.windows)}
+        runs.append(row)
+    return {**doc, "runs": runs}
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, int, str, int]:
+    return (str(row["engine"]), int(row["replicas"]), str(row["policy"]), int(row["devices"]))

@@ -44,6 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench import fleet_records
 from bench.fleet_sim_defaults import default_inputs_doc, http_cpu_ms
 from bench.fleet_sim_engine import SimResult, simulate
 from bench.fleet_sim_inputs import FleetInputs
@@ -284,6 +285,9 @@ def run_cli(args: argparse.Namespace) -> int:
     measured: dict[str, Any] | None = None
     if path.exists():
         measured = json.loads(path.read_text())
+        records = path.parent / fleet_records.RECORDS_NAME
+        if records.exists():  # class the answers as the simulation now does
+            measured = fleet_records.resummarized(measured, records)
         doc: Mapping[str, Any] = measured
         origin = str(path)
     elif source:

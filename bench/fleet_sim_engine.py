@@ -36,8 +36,9 @@ service times' lone request and fed every answer as the service feeds it), so ``
 (``bench.fleet_sim_auto``) plans with what it would be told. A request that finds the whole
 service (every replica) idle for ``bench.fleet_sim_served.IDLE_S`` runs cold: its decode,
 compute and overhead are drawn from the requests that found the measured service so (batch
-size 0); a warm one that finds it empty draws its overhead from the measured lone requests
-that had the service to themselves (``overhead_alone_ms``).
+size 0); a warm one that finds it empty draws its decode and overhead from the measured lone
+requests that had the service to themselves (``bench.fleet_sim_served``'s alone class), and its
+forward pass too if it is still the service's only request when its batch starts.
 """
 
 from __future__ import annotations
@@ -277,6 +278,8 @@ class _Sim:
         # cold: the idle replica's); later sizes' overheads hold the loop's queue, simulated here
         self.loop_draws = {c: (d[1], d[0]) for c, d in self.overhead_draws.items()}  # sorted
         self.alone_draws = svc.alone_overhead_draws
+        self.alone_compute = svc.alone_compute_draws
+        self.alone_decode = svc.alone_decode_draws
         # AutoSplit's start-up: the metadata (a GET), then the probe's four uploads
         self.probe_up_ms = [[lk.rtt_ms / 2 + lk.up_ms(b + HTTP_OVERHEAD_BYTES)
                              for b in (0, *PROBE_BYTES)] for lk in links]
@@ -404,6 +407,9 @@ class _Sim:
         samples, scale = self.samplers[key][n]
         if n == 1 and batch[0][1][5] and key in self.cold:  # a lone request on an idle replica
             samples, scale = self.cold[key], 1.0
+        elif n == 1 and key in self.alone_compute and batch[0][1][11:12] == [True] and \
+                sum(rep.inflight for rep in self.reps) == 1:  # still the service's only one
+            samples, scale = self.alone_compute[key], 1.0
         compute = self.rng.choice(samples) * scale
         r.running, r.key, r.batch_start = batch, key, self.now
         r.batch_left = compute
@@ -488,10 +494,13 @@ class _Sim:
             last = 0 if req[5] else r.last_batch.get(cand, 1)
             r.inflight += 1
             r.incoming += 1
+            alone = alone and not req[5]
             loop_ms, delay_ms = self.loop_cost(cand, req[5], alone=alone)
-            decode_ms = self.rng.choice(self.decode_draws[cand][last])
-            # req[6:11]: the delay besides the loop, the answer's loop CPU, arrival, read, decode
-            req.extend((delay_ms, loop_ms / 2, now, now, decode_ms))
+            decode_ms = self.rng.choice(self.alone_decode[cand] if alone and cand in
+                                        self.alone_decode else self.decode_draws[cand][last])
+            # req[6:12]: the delay besides the loop, the answer's loop CPU, arrival, read,
+            # decode, found the service empty (warm)
+            req.extend((delay_ms, loop_ms / 2, now, now, decode_ms, alone))
             self.to_loop(r, loop_ms / 2, _DECODE, req)
             return
         r.inflight += 1
@@ -504,14 +513,15 @@ class _Sim:
             now - max(r.idle_at for r in self.reps) >= IDLE_MS
 
     def loop_cost(self, cand: str, cold: bool, *, alone: bool = False) -> tuple[float, float]:
-        """A request's event-loop CPU (``LOOP_SHARE`` of its overhead's lower quartile, which
-        no queue is in) and its delay besides (the rest of a drawn overhead: for a warm request
-        that finds the service empty, one of the lone overheads that had it to themselves)."""
+        """A request's event-loop CPU (``LOOP_SHARE`` of the lower quartile of the least
+        loaded overheads measured, the lone ones when there are: no queue is in them) and its
+        delay besides (the rest of a drawn overhead: for a warm request that finds the service
+        empty, one of the lone overheads that had it to themselves)."""
         warm, idle = self.loop_draws.get(cand, ((0.0,), (0.0,)))
-        draws = idle if cold else warm
-        loop_ms = draws[len(draws) // 4] * LOOP_SHARE
-        if alone and not cold and cand in self.alone_draws:
-            draws = self.alone_draws[cand]
+        lone = self.alone_draws.get(cand)
+        base = idle if cold else lone or warm  # the least loaded class the runs saw
+        loop_ms = base[len(base) // 4] * LOOP_SHARE
+        draws = idle if cold else lone if alone and lone else warm
         return loop_ms, max(0.0, self.rng.choice(draws) - loop_ms)
 
     def to_loop(self, r: _Replica, cost_ms: float, then: int, payload: Any) -> None:

@@ -70,8 +70,10 @@ class ServiceTimes:
     # candidate -> one forward pass of a request that found the replica idle (batch size 0 of
     # decode_draws and overhead_draws: its other two times); see bench.fleet_sim_served.IDLE_S
     cold_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
-    # candidate -> the overhead of a warm lone request that had the service to itself
-    # (bench.fleet_sim_served: ``overhead_alone_ms``); empty: ``overhead_draws``' batch size 1
+    # candidate -> the forward pass, decode and overhead of a warm lone request that had the
+    # service to itself (bench.fleet_sim_served: ``compute_alone_ms`` ...); empty: batch size 1
+    alone_compute_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    alone_decode_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     alone_overhead_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,8 +141,9 @@ class ServiceTimes:
                 **({"decode_draws": _sizes_json(self.decode_draws),
                     "overhead_draws": _sizes_json(self.overhead_draws),
                     "cold_draws": {c: list(xs) for c, xs in self.cold_draws.items()},
-                    "alone_overhead_draws": {c: list(xs)
-                                             for c, xs in self.alone_overhead_draws.items()}}
+                    **{name: {c: list(xs) for c, xs in getattr(self, name).items()}
+                       for name in ("alone_compute_draws", "alone_decode_draws",
+                                    "alone_overhead_draws")}}
                    if self.in_service else {})}
 
     def by_size(self, draws: Mapping[int, tuple[float, ...]] | None, batch_max: int,

@@ -16,12 +16,16 @@ exactly):
 * ``overhead_ms[candidate][batch size]``: the round trip less the service's three times and
   less the emulated link's own time (RTT, the body and ``HTTP_OVERHEAD_BYTES`` up, the answer
   down): HTTP parsing and answering, the event loop's backlog, thread hand-offs, a proxy;
-* ``overhead_alone_ms[candidate]``: the overheads of the batch-size-1 requests (not cold) that
-  had the service to themselves, no other request in flight at any point of theirs (seen from
-  the devices, as the cold class is): a Serve proxy or event loop with nothing else to do. The
-  lone requests of 32 devices carry the proxy's and the loop's queueing, which a single device
-  never meets (on Ray Serve 32 devices' lone overheads made single-device runs simulate 29-51%
-  slow); the simulation draws a request that arrives at an empty service from this class;
+* ``compute_alone_ms``, ``decode_alone_ms``, ``overhead_alone_ms`` (``[candidate]``): the
+  three times of the requests (not cold) that had the service to themselves, no other request
+  in flight at any point of theirs (seen from the devices, as the cold class is), and so left
+  out of batch size 1: a core, a Serve proxy and an event loop with nothing else to do. A lone
+  batch among 32 devices shares the core with other requests' HTTP work and decodes (on Ray
+  Serve 1 replica, 32 devices' batch-1 compute averaged 17.6 ms, p95 32; a single device's
+  10.3 ms, p95 12.6), which a single device never meets: pooled into one class, they made
+  single-device runs simulate 18-51% slow. The simulation draws a request that arrives at an
+  empty service from this class (its compute, if the service is still empty when its batch
+  starts), and every other batch-1 request from batch size 1;
 * ``queue_ms[candidate][batch size]``: kept to compare with the simulation's, never fed to it;
 * batch size ``0`` stands for a request that found the service idle for ``IDLE_S`` or more
   (nothing else in flight): such a request is slower in all three of its times. Measured on
@@ -59,6 +63,7 @@ from shared.planner import HTTP_OVERHEAD_BYTES, RESPONSE_BYTES
 __all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "pooled",
            "run_summary", "service_times", "summary_json"]
 
+ALONE_PARTS = ("compute_alone_ms", "decode_alone_ms", "overhead_alone_ms")
 IDLE_S = 0.3  # idle this long (no request in flight), the next request runs cold (above)
 BINS_PER_DECADE = 40  # bins 6% wide: a drawn time is within 3% of the one measured
 MIN_BATCHES = 3  # a batch size seen fewer times is interpolated from its neighbours
@@ -122,24 +127,30 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
     batches: set[tuple[str, int, float]] = set()
     cold = _cold(records, inputs)
     alone = _alone(records, inputs)
+    compute_alone: dict[str, Hist] = {}
+    decode_alone: dict[str, Hist] = {}
     overhead_alone: dict[str, Hist] = {}
     for i, r in enumerate(records):
         if not r.served or r.compute_ms is None or not _within(r.done_s, windows):
             continue
         cand, n = r.candidate, 0 if i in cold else int(r.batch_size or 1)
+        _add(queue.setdefault(cand, {}).setdefault(str(n), _new()), r.queue_ms)
+        lone = n == 1 and i in alone
         # every request of a batch reports the batch's compute: count the batch once
-        if (cand, n, r.compute_ms) not in batches:
+        if lone:
+            _add(compute_alone.setdefault(cand, _new()), r.compute_ms)
+        elif (cand, n, r.compute_ms) not in batches:
             batches.add((cand, n, r.compute_ms))
             _add(compute.setdefault(cand, {}).setdefault(str(n), _new()), r.compute_ms)
-        _add(decode.setdefault(cand, {}).setdefault(str(n), _new()), r.decode_ms)
-        _add(queue.setdefault(cand, {}).setdefault(str(n), _new()), r.queue_ms)
+        _add(decode_alone.setdefault(cand, _new()) if lone
+             else decode.setdefault(cand, {}).setdefault(str(n), _new()), r.decode_ms)
         if r.round_trip_ms is not None and r.link in PROFILES:
             server_ms = r.decode_ms + r.queue_ms + r.compute_ms
             extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
-            _add(overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
-            if n == 1 and i in alone:
-                _add(overhead_alone.setdefault(cand, _new()), max(0.0, extra))
+            _add(overhead_alone.setdefault(cand, _new()) if lone
+                 else overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
     return {"compute_ms": compute, "decode_ms": decode, "overhead_ms": overhead,
+            "compute_alone_ms": compute_alone, "decode_alone_ms": decode_alone,
             "overhead_alone_ms": overhead_alone, "queue_ms": queue,
             "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)},
             "idle_s": IDLE_S}
@@ -229,8 +240,9 @@ def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             for cand, sizes in served.get(part, {}).items():
                 for n, hist in sizes.items():
                     _merge(group[part].setdefault(cand, {}).setdefault(n, _new()), hist)
-        for cand, hist in served.get("overhead_alone_ms", {}).items():
-            _merge(group.setdefault("overhead_alone_ms", {}).setdefault(cand, _new()), hist)
+        for part in ALONE_PARTS:
+            for cand, hist in served.get(part, {}).items():
+                _merge(group.setdefault(part, {}).setdefault(cand, _new()), hist)
         for n, hist in served.get("device_lag_ms", {}).items():
             _merge(group.setdefault("device_lag_ms", {}).setdefault(n, _new()), hist)
     return out
@@ -294,19 +306,44 @@ def draws(hist: Mapping[str, Any], k: int = DRAWS) -> tuple[float, ...]:
 
 def service_times(group: Mapping[str, Any]) -> ServiceTimes:
     """The simulation's ``ServiceTimes`` from one pooled group (``in_service``: the times are
-    taken as they are, with their spread)."""
-    batch_ms = {c: d for c, sizes in group.get("compute_ms", {}).items() if (d := _sized(sizes))}
-    cold = {c: sizes.pop(0) for c, sizes in batch_ms.items() if 0 in sizes}
-    batch_ms = {c: sizes for c, sizes in batch_ms.items() if sizes}
-    decode = {c: d for c, sizes in group.get("decode_ms", {}).items()
+    taken as they are, with their spread). A candidate whose runs never saw a warm shared batch
+    of one (a single device: every request alone, or cold) simulates it with its lone, else
+    its cold requests' times."""
+    alone = {part: {c: h for c, h in group.get(part, {}).items() if int(h["count"]) > 0}
+             for part in ALONE_PARTS}
+    parts = {}
+    for part, alone_part in zip(("compute_ms", "decode_ms", "overhead_ms"), ALONE_PARTS,
+                                strict=True):
+        parts[part] = {c: _with_lone(sizes, alone[alone_part].get(c))
+                       for c, sizes in group.get(part, {}).items()}
+        for c, hist in alone[alone_part].items():  # a candidate seen only alone
+            parts[part].setdefault(c, {"1": hist})
+    # cold (batch size 0) is a class of its own, however few: not a batch size to interpolate
+    cold = {c: draws(sizes["0"]) for c, sizes in parts["compute_ms"].items()
+            if int(sizes.get("0", {"count": 0})["count"]) > 0}
+    batch_ms = {c: d for c, sizes in parts["compute_ms"].items()
+                if (d := _sized({n: h for n, h in sizes.items() if n != "0"}) or
+                    ({1: cold[c]} if c in cold else {}))}
+    decode = {c: d for c, sizes in parts["decode_ms"].items()
               if c in batch_ms and (d := _sized(sizes))}
-    overhead = {c: d for c, sizes in group.get("overhead_ms", {}).items()
+    overhead = {c: d for c, sizes in parts["overhead_ms"].items()
                 if c in batch_ms and (d := _sized(sizes))}
-    alone = {c: draws(h) for c, h in group.get("overhead_alone_ms", {}).items()
-             if c in batch_ms and int(h["count"]) >= MIN_BATCHES}
+    lone = {part: {c: draws(h) for c, h in alone[part].items()
+                   if c in batch_ms and int(h["count"]) >= MIN_BATCHES} for part in ALONE_PARTS}
     return ServiceTimes(batch_ms, {c: _mean(sizes) for c, sizes in decode.items()},
                         spread=True, in_service=True, decode_draws=decode,
-                        overhead_draws=overhead, cold_draws=cold, alone_overhead_draws=alone)
+                        overhead_draws=overhead, cold_draws=cold,
+                        alone_compute_draws=lone["compute_alone_ms"],
+                        alone_decode_draws=lone["decode_alone_ms"],
+                        alone_overhead_draws=lone["overhead_alone_ms"])
+
+
+def _with_lone(sizes: Mapping[str, Hist], lone: Hist | None) -> dict[str, Hist]:
+    """``sizes`` with the lone requests' histogram as batch size 1 when it has too few."""
+    out = dict(sizes)
+    if lone is not None and int(out.get("1", {"count": 0})["count"]) < MIN_BATCHES:
+        out["1"] = lone
+    return out
 
 
 def _sized(sizes: Mapping[str, Mapping[str, Any]]) -> dict[int, tuple[float, ...]]:
@@ -324,16 +361,23 @@ def _mean(sizes: Mapping[int, tuple[float, ...]]) -> float:
 
 def summary_json(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """A readable digest of the pooled groups: per candidate, answers, mean decode, overhead
-    and queue ms, and mean compute ms per batch size (with the batches seen)."""
+    and queue ms, mean compute ms per batch size (with the batches seen), and the lone
+    requests' mean compute ms (with their count)."""
     out: dict[str, Any] = {}
     for key, group in groups.items():
         cands: dict[str, Any] = {}
-        for cand, sizes in group.get("compute_ms", {}).items():
+        lone = group.get("compute_alone_ms", {})
+        for cand in sorted({*group.get("compute_ms", {}), *lone}):
+            sizes = group.get("compute_ms", {}).get(cand, {})
             row: dict[str, Any] = {"compute_ms_by_batch": {
-                n: [round(h["sum_ms"] / h["count"], 2), h["count"]]
+                n: _mean_count(h)
                 for n, h in sorted(sizes.items(), key=lambda kv: int(kv[0])) if h["count"]}}
+            if int(lone.get(cand, {"count": 0})["count"]):
+                row["compute_ms_alone"] = _mean_count(lone[cand])
             for part in ("decode_ms", "overhead_ms", "queue_ms"):
-                hists = group.get(part, {}).get(cand, {}).values()
+                hists = [*group.get(part, {}).get(cand, {}).values(),
+                         *([group[alone][cand]] if (alone := part.replace("_ms", "_alone_ms"))
+                           in group and cand in group[alone] else [])]
                 count = sum(int(h["count"]) for h in hists)
                 if count:
                     row[part] = round(sum(float(h["sum_ms"]) for h in hists) / count, 2)
@@ -341,6 +385,10 @@ def summary_json(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             cands[cand] = row
         out[key] = cands
     return out
+
+
+def _mean_count(hist: Hist) -> list[float]:
+    return [round(hist["sum_ms"] / hist["count"], 2), hist["count"]]
 
 
 def device_lag(group: Mapping[str, Any]) -> dict[int, tuple[float, ...]]:

@@ -60,25 +60,40 @@ def test_a_batch_counts_once_and_overhead_is_what_the_link_and_service_leave() -
     compute = summary["compute_ms"][SPLIT]
     assert compute["0"]["count"] == 1  # the first request reached an idle service: cold
     assert compute["2"]["count"] == 1 and _mean(compute["2"]) == pytest.approx(30.0)
-    assert compute["1"]["count"] == 2 and _mean(compute["1"]) == pytest.approx(11.5)
-    overhead = summary["overhead_ms"][SPLIT]
-    assert _mean(overhead["1"]) == pytest.approx(6.0, abs=1e-6)
-    assert _mean(overhead["2"]) == pytest.approx(4.0, abs=1e-6)
+    assert "1" not in compute  # the two lone requests had the service to themselves
+    lone = summary["compute_alone_ms"][SPLIT]
+    assert lone["count"] == 2 and _mean(lone) == pytest.approx(11.5)
+    assert _mean(summary["overhead_alone_ms"][SPLIT]) == pytest.approx(6.0, abs=1e-6)
+    assert _mean(summary["overhead_ms"][SPLIT]["2"]) == pytest.approx(4.0, abs=1e-6)
     assert summary["device_lag_ms"]["2"]["count"] == 4
 
 
 def test_a_lone_request_that_had_the_service_to_itself_is_counted_alone() -> None:
     # 0.10 s and 0.25 s: warm, nothing else in flight; 0.40 s and 0.40 s: two at once
-    records = [_answer(0, 0.0), _answer(0, 0.10, overhead_ms=3.0),
-               _answer(0, 0.25, overhead_ms=3.0), _answer(0, 0.40, overhead_ms=9.0),
-               _answer(1, 0.40, overhead_ms=9.0)]
+    records = [_answer(0, 0.0), _answer(0, 0.10, overhead_ms=3.0, compute_ms=8.0),
+               _answer(0, 0.25, overhead_ms=3.0, compute_ms=8.0, decode_ms=1.0),
+               _answer(0, 0.40, overhead_ms=9.0), _answer(1, 0.40, overhead_ms=9.0)]
     summary = served.run_summary(records, _spec(), HEADS)
     alone = summary["overhead_alone_ms"][SPLIT]
     assert alone["count"] == 2 and _mean(alone) == pytest.approx(3.0, abs=1e-6)
-    assert summary["overhead_ms"][SPLIT]["1"]["count"] == 4  # batch size 1 keeps them all
+    assert _mean(summary["compute_alone_ms"][SPLIT]) == pytest.approx(8.0)
+    assert _mean(summary["decode_alone_ms"][SPLIT]) == pytest.approx(1.5)
+    # batch size 1 keeps the two that overlapped, each its own batch
+    assert summary["overhead_ms"][SPLIT]["1"]["count"] == 2
+    assert summary["compute_ms"][SPLIT]["1"]["count"] == 1  # same compute: read as one batch
     group = served.pooled({"runs": [{"served": summary}, {"served": summary}]})["uvicorn/1"]
     times = served.service_times(group)
     assert times.alone_overhead_draws[SPLIT] == pytest.approx((3.0,) * 4, rel=0.04)
+    assert times.alone_compute_draws[SPLIT] == pytest.approx((8.0,) * 4, rel=0.04)
+
+
+def test_a_single_device_s_lone_requests_stand_for_batch_size_one() -> None:
+    records = [_answer(0, 0.2 * k, compute_ms=8.0) for k in range(6)]  # one device, warm
+    summary = served.run_summary(records, _spec(devices=1), HEADS)
+    assert set(summary["compute_ms"][SPLIT]) == {"0"} and \
+        summary["compute_alone_ms"][SPLIT]["count"] == 5
+    times = served.service_times(served.pooled({"runs": [{"served": summary}]})["uvicorn/1"])
+    assert times.batch_ms[SPLIT][1] == pytest.approx((8.0,) * 5, rel=0.04)
 
 
 def test_a_request_at_an_empty_service_draws_a_lone_overhead() -> None:
@@ -88,6 +103,10 @@ def test_a_request_at_an_empty_service_draws_a_lone_overhead() -> None:
     slow = simulate(replace(inputs, service=times), "middle", devices=1, seed=1)
     # one device: every request finds the service empty, so every one takes the alone class
     assert slow.p50_ms == pytest.approx(base.p50_ms + 50.0, abs=2.0)
+    times = replace(inputs.service, alone_compute_draws={SPLIT: (40.0,)},
+                    alone_decode_draws={SPLIT: (22.0,)})
+    slower = simulate(replace(inputs, service=times), "middle", devices=1, seed=1)
+    assert slower.p50_ms == pytest.approx(base.p50_ms + 30.0 + 20.0, abs=2.0)  # 10 -> 40, 2 -> 22
 
 
 def test_answers_outside_the_window_are_left_out() -> None:
@@ -102,7 +121,8 @@ def test_a_lone_request_after_an_idle_second_is_cold() -> None:
     assert set(summary["compute_ms"][SPLIT]) == {"0"}  # every one found the service idle
     times = served.service_times(served.pooled({"runs": [{"served": summary}]})["uvicorn/1"])
     assert times.cold_draws[SPLIT] == pytest.approx((20.0,), rel=0.04)
-    assert SPLIT not in times.batch_ms  # no warm batch seen
+    # no warm batch seen: the cold ones stand for batch size 1
+    assert times.batch_ms[SPLIT] == {1: times.cold_draws[SPLIT]}
 
 
 def test_a_lone_request_after_a_short_idle_gap_is_cold_too() -> None:
@@ -118,6 +138,8 @@ def test_an_older_single_device_run_counts_its_lone_requests_cold() -> None:
     # summarised while the cold class needed 1 s idle (no "idle_s"): its batch size 1 was cold
     old = served.run_summary([_answer(0, 0.0), _answer(0, 0.2)], _spec(1), HEADS)
     del old["idle_s"]
+    for part in ("compute", "decode", "overhead"):  # no alone class then: batch size 1
+        old[f"{part}_ms"][SPLIT]["1"] = old.pop(f"{part}_alone_ms")[SPLIT]
     single = {"engine": "uvicorn", "replicas": 1, "devices": 1, "period_ms": 500.0,
               "p95_ms": 80.0, "served": old}
     fleet = {**single, "devices": 8, "period_ms": 1500.0}
@@ -154,8 +176,8 @@ def test_runs_pool_per_engine_and_replicas() -> None:
             {"engine": "ray-serve", "replicas": 2, "served": one}]
     groups = served.pooled({"runs": runs})
     assert set(groups) == {"uvicorn/1", "ray-serve/2"}
-    assert groups["uvicorn/1"]["compute_ms"][SPLIT]["1"]["count"] == 2
-    assert groups["ray-serve/2"]["compute_ms"][SPLIT]["1"]["count"] == 1
+    assert groups["uvicorn/1"]["compute_alone_ms"][SPLIT]["count"] == 2
+    assert groups["ray-serve/2"]["compute_alone_ms"][SPLIT]["count"] == 1
     # a document that carries them pooled already is taken as it is
     assert served.pooled({"inputs": {"served": {"x/1": one}}, "runs": runs}) == {"x/1": one}
 
@@ -195,8 +217,9 @@ def test_served_inputs_drive_validate_without_measuring_anything(tmp_path: Path)
     assert alone["service_times"] == "served"
     assert alone["simulated_p95_ms"] == pytest.approx(one_ms, rel=0.04)
     assert result["calibration"] == {}  # nothing fitted
-    assert result["served"]["uvicorn/1"][SPLIT]["compute_ms_by_batch"]["1"][0] == \
-        pytest.approx(10.0, rel=0.04)
+    digest = result["served"]["uvicorn/1"][SPLIT]
+    assert digest["compute_ms_alone"][0] == pytest.approx(10.0, rel=0.04)  # the 8 devices'
+    assert digest["compute_ms_by_batch"]["0"][0] == pytest.approx(20.0, rel=0.04)
     assert not list(tmp_path.iterdir())  # no in-process measurement, no cache written
     assert "by_round" not in alone  # one window: nothing to compare round by round
 
@@ -251,7 +274,8 @@ def test_the_real_service_s_answers_fill_the_records(live_service: LocalService,
         assert r.round_trip_ms is not None and r.request_bytes and r.sent_s is not None
         assert r.round_trip_ms >= r.decode_ms + r.queue_ms + r.compute_ms  # type: ignore[operator]
     summary = served.run_summary(run.records, spec, inputs)
-    counted = sum(h["count"] for h in summary["decode_ms"][SPLIT].values())
+    counted = sum(h["count"] for h in summary["decode_ms"][SPLIT].values()) + \
+        summary["decode_alone_ms"].get(SPLIT, {"count": 0})["count"]
     assert counted == sum(spec.window[0] <= r.done_s < spec.window[1] for r in answered)
 
 
