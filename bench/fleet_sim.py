@@ -7,7 +7,9 @@ Fed with ``fleet.json``'s ``inputs`` (``--from``, default ``DIR/fleet.json``; wi
 same inputs built from ``bench/results``: ``bench.fleet_sim_defaults``) and with service times
 per (candidate, batch size): what the service answered in the file's own runs, pooled per
 engine and replica count (``runs[].served``, ``bench.fleet_sim_served``; ``validate`` gives each
-run its group's, the projection takes ``uvicorn/1``'s), else the file's
+run its group's, the projection takes ``uvicorn/1``'s; summarised again from the records saved
+beside the file, ``bench.fleet_records``, when they are there, and written back to it when it
+is ``DIR/fleet.json``), else the file's
 ``inputs.service.service_ms``, else measured here with the service's backend on one core and
 one thread (``bench.fleet_sim_measure``, cached in DIR). The model is in
 ``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
@@ -370,6 +372,8 @@ def run_cli(args: argparse.Namespace) -> int:
     fleet_json = out / "fleet.json"
     if fleet_json.exists():
         merged = json.loads(fleet_json.read_text())
+        if measured is not None and fleet_json.resolve() == path.resolve():
+            merged["runs"] = measured["runs"]  # their served as summarised again (records)
         merged.setdefault("simulation", {}).update(
             {"projection": {k: summary[k] for k in ("devices", "replicas", "target_p95_ms",
                                                      "replicas_needed", "rows")}})

@@ -321,6 +321,32 @@ def test_the_projection_runs_on_served_inputs(tmp_path: Path) -> None:
     assert not (tmp_path / "fleet_sim_service_times.json").exists()  # nothing measured
 
 
+def test_the_projection_classes_saved_records_again_and_writes_them_back(tmp_path: Path
+                                                                          ) -> None:
+    import argparse
+    import json
+
+    from bench import fleet_records
+    from bench.fleet_run import FleetRun
+    from bench.fleet_sim import run_cli
+
+    doc = _served_doc(70.0)
+    spec = RunSpec(policy=SPLIT, devices=8, link_mix=("lan",), period_s=1.0, warmup_s=1.0,
+                   duration_s=10.0, timeout_s=10.0)
+    records = [_answer(i % 8, t / 8, compute_ms=10.0) for i, t in enumerate(range(88))]
+    fleet_records.save(tmp_path / fleet_records.RECORDS_NAME,
+                       [(doc["runs"][1], spec, FleetRun(records, 1.0, "answers", 11.0,
+                                                         windows=(spec.window,)))])
+    doc["runs"][1]["served"] = {"compute_ms": {}}  # summarised by some older classing
+    (tmp_path / "fleet.json").write_text(json.dumps(doc))
+    args = argparse.Namespace(devices=[50], replicas=[1], out=tmp_path, from_=None,
+                              target_p95_ms=500.0, seed=0, simulate=True)
+    assert run_cli(args) == 0
+    written = json.loads((tmp_path / "fleet.json").read_text())
+    assert written["runs"][1]["served"]["compute_alone_ms"][SPLIT]["count"] > 0
+    assert written["simulation"]["runs"][1]["simulated_p95_ms"] > 0
+
+
 def _loop_bound_doc() -> dict[str, Any]:
     """8 devices, warm, at batch 1 and 16: a 1 ms forward pass per row, 20 ms of overhead."""
     records = [_answer(t % 8, t / 8, compute_ms=1.0, overhead_ms=20.0) for t in range(88)]
