@@ -25,7 +25,11 @@ holds ``--min-photos`` photos (at most 2x ``--duration``), then its photo period
 ``period_ms`` says). 120, not 40: a single device's p95 over 40 photos is its 2nd slowest
 (two runs of the same choice differed 20%), and at one every 0.5 s the service sleeps 0.4 s
 before each request and runs it cold (``bench.fleet_sim_served.IDLE_S``), unlike any larger
-fleet's; at 0.17 s it stays as warm as at N=8-32.
+fleet's; at 0.17 s it stays as warm as at N=8-32. Such a fleet (its period shortened) also
+runs more and shorter rounds, unless ``--rounds`` is given: one round of every policy's window
+within 3 s (``bench.fleet_rounds.size_rounds``; N=1: 40 rounds of 0.5 s windows, 3 photos
+each, 0.1 s apart, no ``/metrics`` scrapes), so that a slow spell of the machine lands on every
+policy alike instead of deciding one policy's p95.
 
 Policies: ``cloud``, ``device``, three fixed split points (early, middle, late) and ``auto``,
 the product's planner with its live estimation (``device_client.auto.AutoSplit``) fed the
@@ -54,7 +58,7 @@ from typing import Any
 from bench import fleet_records, fleet_report, fleet_sim, report, service
 from bench.fleet_device import FleetInputs
 from bench.fleet_inputs import device_profile, encode_payloads
-from bench.fleet_rounds import size_window
+from bench.fleet_rounds import FINE_PAUSE_S, size_rounds, size_window
 from bench.fleet_run import FleetRun, RunSpec, bar, run_rounds, summarize
 from bench.fleet_sim_defaults import PERIOD_MS
 from bench.netem import PROFILES
@@ -135,7 +139,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 10; --quick 4)")
     p.add_argument("--rounds", type=cliargs.integer(at_least=1), default=None,
                    help="the policies of one fleet size take turns in this many rounds, one "
-                        "window each per round (default 4; --quick 2)")
+                        "window each per round (default 4, more for a fleet whose photo period "
+                        "is shortened; --quick 2)")
     p.add_argument("--min-photos", type=cliargs.integer(at_least=1), default=None,
                    help="photos per policy and fleet size at least: a small fleet's window "
                         "stretches (up to 2x --duration), then its photo period shrinks "
@@ -193,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(layout)
     common = {"link_mix": tuple(args.link_mix), "period_s": args.period_ms / 1e3,
               "warmup_s": warmup, "duration_s": duration, "timeout_s": args.timeout,
-              "seed": args.seed, "rounds": rounds, "min_photos": min_photos}
+              "seed": args.seed, "rounds": rounds, "min_photos": min_photos,
+              "fine_rounds": args.rounds is None}
     runs: list[dict[str, Any]] = []
     measured: list[tuple[dict[str, Any], RunSpec, FleetRun]] = []  # for fleet_records
     notes = []
@@ -239,12 +245,17 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
     rows: list[tuple[dict[str, Any], RunSpec, FleetRun]] = []
     common = dict(common)
     min_photos = common.pop("min_photos")
+    fine = common.pop("fine_rounds")
     for n in sizes:
         period_s, duration_s = size_window(n, period_s=common["period_s"],
                                            duration_s=common["duration_s"],
                                            min_photos=min_photos)
+        shortened = fine and period_s < common["period_s"]
+        rounds = size_rounds(common["rounds"], policies=len(policies), duration_s=duration_s,
+                             shortened=shortened)
         specs = [RunSpec(policy=policy, devices=n, **{**common, "period_s": period_s,
-                                                      "duration_s": duration_s})
+                                                      "duration_s": duration_s,
+                                                      "rounds": rounds})
                  for policy in policies]
         with console.status(f"{engine}x{replicas} N={n}") as status:
             def shown(spec: RunSpec, r: int, n: int = n) -> None:
@@ -253,8 +264,12 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
 
             # With two replicas each scrape of /metrics answers from either one, and a window's
             # two scrapes make no delta (mean batches under 1 came out): the answers' then.
-            results = asyncio.run(run_rounds(url, inputs, specs, on_window=shown,
-                                             scrape_metrics=replicas == 1))
+            # Nor between a single device's short windows: two scrapes per 3 photos would
+            # load the service beside them.
+            results = asyncio.run(run_rounds(
+                url, inputs, specs, on_window=shown,
+                scrape_metrics=replicas == 1 and not shortened,
+                **({"pause_s": FINE_PAUSE_S} if shortened else {})))
         for spec, result in zip(specs, results, strict=True):
             row = summarize(result.records, spec, engine=engine, replicas=replicas,
                             mean_batch_size=result.mean_batch_size,

@@ -14,7 +14,8 @@ A run of ``rounds`` rounds measures ``duration_s`` in ``rounds`` windows of
 ``auto`` state, photo count) kept from one of its windows to the next, and the warm-up only
 before its first. Every photo taken in a window (or its warm-up) is answered before the window
 ends; a window counts the photos *taken* in it (a photo stuck behind a busy device still
-counts, late), and the service's throughput counts answers that *arrived* in it. The records of
+counts, late), and the service's throughput counts answers that *arrived* in it or after it,
+to its photos' last answer (``answer_spans``). The records of
 a policy's windows are pooled on one time line (each window after the previous one's last
 answer), with the windows listed in ``FleetRun.windows``. The mean batch size is the service's
 own (``splitserve_batch_size`` in ``/metrics``, scraped as each window opens and closes), else
@@ -310,11 +311,12 @@ def summarize(records: Sequence[Record], spec: RunSpec, *, engine: str = "uvicor
     """One ``fleet.json`` run row from a run's records (pure), over its measured ``windows``
     (``FleetRun.windows``; default ``spec.window``)."""
     windows = windows or [spec.window]
-    measured_s = sum(end - start for start, end in windows)
+    spans = answer_spans(records, windows)
+    measured_s = sum(end - start for start, end in spans)
     inside = [r for r in records if _within(r.photo_s, windows)]
     answered = [r for r in inside if r.outcome != "error"]
     latencies = [r.latency_ms for r in answered]
-    served = [r for r in records if r.served and _within(r.done_s, windows)]
+    served = [r for r in records if r.served and any(a <= r.done_s <= b for a, b in spans)]
     by_link: dict[str, Any] = {}
     for link in dict.fromkeys(spec.link_mix):
         mine = [r.latency_ms for r in answered if r.link == link]
@@ -352,6 +354,21 @@ def summarize(records: Sequence[Record], spec: RunSpec, *, engine: str = "uvicor
     return row
 
 
+def answer_spans(records: Sequence[Record], windows: Sequence[Window]) -> list[Window]:
+    """Each window, to the service's last answer to a photo taken in it, inclusive (the
+    throughput is counted over these): a window holds the photos taken in it, the answers to
+    its last ones arrive after it ends, and its first answers a round trip after it opens.
+    Counted to the window's end, a single device's 0.5 s windows
+    (``bench.fleet_rounds.size_rounds``) lost a third of their answers, and a saturated
+    window's service stays busy past its end."""
+    out = []
+    for start, end in windows:
+        last = max((r.done_s for r in records if r.served and start <= r.photo_s < end),
+                   default=end)
+        out.append((start, max(end, last)))
+    return out
+
+
 def by_round(records: Sequence[Record], windows: Sequence[Window]) -> list[dict[str, Any]]:
     """Per measured window (a round's): its photos' p50 and p95, the answers that arrived in it
     per second, and the batches they rode in (mean rows and mean forward pass, from the answers'
@@ -359,9 +376,9 @@ def by_round(records: Sequence[Record], windows: Sequence[Window]) -> list[dict[
     warm-up; the others start empty), and the simulation is checked against them round by round
     (``bench.fleet_sim.validate``)."""
     out = []
-    for start, end in windows:
+    for (start, end), (_, last) in zip(windows, answer_spans(records, windows), strict=True):
         mine = [r.latency_ms for r in records if start <= r.photo_s < end and r.outcome != "error"]
-        served = [r for r in records if r.served and start <= r.done_s < end]
+        served = [r for r in records if r.served and start <= r.done_s <= last]
         # every request of a batch reports the batch's compute: one batch per distinct pair
         batches = {(r.candidate, r.batch_size, r.compute_ms) for r in served
                    if r.batch_size and r.compute_ms is not None}
@@ -369,7 +386,7 @@ def by_round(records: Sequence[Record], windows: Sequence[Window]) -> list[dict[
             "photos": len(mine),
             "p50_ms": _rounded(percentile(mine, 50)),
             "p95_ms": _rounded(percentile(mine, 95)),
-            "throughput_rps": round(len(served) / (end - start), 2) if end > start else None,
+            "throughput_rps": round(len(served) / (last - start), 2) if last > start else None,
             "mean_batch_size": _rounded(sum(b[1] for b in batches) / len(batches))
             if batches else None,
             "mean_compute_ms": _rounded(sum(b[2] for b in batches) / len(batches))

@@ -21,7 +21,7 @@ from bench.fleet_device import (
     transmit,
 )
 from bench.fleet_inputs import encode_payloads
-from bench.fleet_rounds import round_orders, size_window
+from bench.fleet_rounds import SPELL_S, round_orders, size_rounds, size_window
 from bench.fleet_run import RunSpec, _Pool, bar, device_phase_s, run_fleet, run_rounds, summarize
 from bench.netem import LinkShape
 from bench.service_compute import cpu_layout
@@ -120,6 +120,18 @@ def test_a_small_fleet_stretches_its_window_then_shortens_its_period() -> None:
         size_window(0, period_s=1.5, duration_s=10.0, min_photos=40)
 
 
+def test_a_single_device_s_rounds_are_shorter_than_the_machine_s_slow_spells() -> None:
+    period_s = fleet.PERIOD_MS / 1e3
+    one_period_s, duration_s = size_window(1, period_s=period_s, duration_s=10.0,
+                                           min_photos=fleet.MIN_PHOTOS)
+    rounds = size_rounds(4, policies=6, duration_s=duration_s, shortened=True)
+    assert duration_s / rounds * 6 <= SPELL_S  # one round of all six policies
+    assert duration_s / rounds >= 2 * one_period_s  # a window still holds a few photos
+    # a fleet that fills its window at the asked rate keeps the rounds asked for
+    assert size_rounds(4, policies=6, duration_s=10.0, shortened=False) == 4
+    assert size_rounds(50, policies=2, duration_s=4.0, shortened=True) == 50
+
+
 def test_the_default_photos_keep_a_single_device_warm_and_the_run_short() -> None:
     from bench.fleet_sim_served import IDLE_S
 
@@ -153,11 +165,13 @@ def test_a_policy_s_windows_pool_on_one_time_line() -> None:
     assert run.elapsed_s == 7.0
     row = summarize(run.records, spec, windows=run.windows)
     assert row["photos"] == 3 and row["p50_ms"] == 300.0  # the warm-up and round 2's late one
-    assert row["throughput_rps"] == 0.5  # 1.6 and 5.0 arrived in a window; 3.5 did not
+    # answers to a window's photos count to its last one: 1.6 and 3.5 in [1, 3.5], 5.0 in
+    # [4.5, 6.5] (7.1 answers a photo taken after its window)
+    assert row["throughput_rps"] == round(3 / 4.5, 2)
     assert (row["rounds"], row["period_ms"], row["duration_s"]) == (2, 1000.0, 4.0)
     first, second = row["by_round"]  # each window on its own
     assert (first["photos"], first["p50_ms"], second["photos"]) == (2, 350.0, 1)
-    assert first["throughput_rps"] == 0.5 and second["throughput_rps"] == 0.5
+    assert first["throughput_rps"] == 0.8 and second["throughput_rps"] == 0.5
 
 
 
@@ -199,7 +213,9 @@ def test_summarize_counts_photos_taken_in_the_window_and_answers_arriving_in_it(
     assert (row["ok"], row["rejected_503"], row["fallbacks"], row["errors"], row["timeouts"]
             ) == (4, 1, 2, 1, 1)
     assert row["photos"] == 6
-    assert row["throughput_rps"] == 1.0  # 1.3 and 2.55 arrived in [1, 3); 3.3 did not
+    # answers that arrived from the window's start to its photos' last answer, [1, 3.3]:
+    # 1.3, 2.55, 3.11 and 3.3 (not the device's own finish of the timeout at 11.2)
+    assert row["throughput_rps"] == round(4 / 2.3, 2)
     assert row["p50_ms"] == 300.0  # over the five answered photos, the timeout's included
     assert row["mean_batch_size"] == 3.5
     assert row["choices"] == {CLOUD: 5, DEVICE: 1}
