@@ -407,8 +407,8 @@ class _Sim:
         samples, scale = self.samplers[key][n]
         if n == 1 and batch[0][1][5] and key in self.cold:  # a lone request on an idle replica
             samples, scale = self.cold[key], 1.0
-        elif n == 1 and key in self.alone_compute and batch[0][1][11:12] == [True] and \
-                sum(rep.inflight for rep in self.reps) == 1:  # still the service's only one
+        elif n == 1 and self.in_service and batch[0][1][11] and key in self.alone_compute \
+                and sum(rep.inflight for rep in self.reps) == 1:  # still the service's only one
             samples, scale = self.alone_compute[key], 1.0
         compute = self.rng.choice(samples) * scale
         r.running, r.key, r.batch_start = batch, key, self.now

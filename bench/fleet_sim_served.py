@@ -375,9 +375,10 @@ def summary_json(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             if int(lone.get(cand, {"count": 0})["count"]):
                 row["compute_ms_alone"] = _mean_count(lone[cand])
             for part in ("decode_ms", "overhead_ms", "queue_ms"):
-                hists = [*group.get(part, {}).get(cand, {}).values(),
-                         *([group[alone][cand]] if (alone := part.replace("_ms", "_alone_ms"))
-                           in group and cand in group[alone] else [])]
+                hists = list(group.get(part, {}).get(cand, {}).values())
+                lone_part = group.get(part.replace("_ms", "_alone_ms"), {})  # none for queue
+                if cand in lone_part:
+                    hists.append(lone_part[cand])
                 count = sum(int(h["count"]) for h in hists)
                 if count:
                     row[part] = round(sum(float(h["sum_ms"]) for h in hists) / count, 2)
