@@ -251,8 +251,8 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
                                            duration_s=common["duration_s"],
                                            min_photos=min_photos)
         shortened = fine and period_s < common["period_s"]
-        rounds = size_rounds(common["rounds"], policies=len(policies), duration_s=duration_s,
-                             shortened=shortened)
+        rounds = size_rounds(common["rounds"], policies=len(policies), period_s=period_s,
+                             duration_s=duration_s, shortened=shortened)
         specs = [RunSpec(policy=policy, devices=n, **{**common, "period_s": period_s,
                                                       "duration_s": duration_s,
                                                       "rounds": rounds})

@@ -10,15 +10,18 @@ windows pooled into its row. A slow minute then lands on every policy's windows 
     [[0, 1, 3, 2], [1, 2, 0, 3]]
     >>> size_window(1, period_s=1.5, duration_s=10.0, min_photos=40)
     (0.5, 20.0)
-    >>> size_rounds(4, policies=6, duration_s=20.0, shortened=True)
+    >>> size_rounds(4, policies=6, period_s=1 / 6, duration_s=20.0, shortened=True)
     40
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["FINE_PAUSE_S", "SPELL_S", "round_orders", "size_rounds", "size_window"]
+__all__ = ["FINE_PAUSE_S", "SPELL_S", "answer_spans", "round_orders", "size_rounds",
+           "size_window"]
 
 MAX_STRETCH = 2.0  # a small fleet's window grows to this many times --duration, no further
 # The shared machine's slow spells (compute 1.5x for a few seconds) last 3-6 s in bench
@@ -76,16 +79,41 @@ def size_window(devices: int, *, period_s: float, duration_s: float, min_photos:
     return min(period_s, devices * duration_s / min_photos), duration_s
 
 
-def size_rounds(rounds: int, *, policies: int, duration_s: float, shortened: bool) -> int:
+def size_rounds(rounds: int, *, policies: int, period_s: float, duration_s: float,
+                shortened: bool) -> int:
     """The rounds for one fleet size: ``rounds``, or for a fleet whose photo period
     ``size_window`` shortened, enough that one round of every policy's window lasts at most
-    ``SPELL_S``. A single device's p95 over 120 photos is its 6th slowest, so one slow spell
-    inside one policy's 5 s window decided it: two policies that sent every photo alike (auto
-    all to ``cloud``, and ``cloud``) came out 13% apart at p95 in one run.
+    ``SPELL_S``, each window a whole number of photo periods. A single device's p95 over 120
+    photos is its 6th slowest, so one slow spell inside one policy's 5 s window decided it:
+    two policies that sent every photo alike (auto all to ``cloud``, and ``cloud``) came out
+    13% apart at p95 in one run.
 
-        >>> size_rounds(4, policies=6, duration_s=10.0, shortened=False)
+        >>> size_rounds(4, policies=6, period_s=1.0, duration_s=10.0, shortened=False)
         4
+        >>> size_rounds(4, policies=4, period_s=1 / 6, duration_s=20.0, shortened=True)
+        30
     """
     if not shortened:
         return rounds
-    return max(rounds, math.ceil(duration_s * policies / SPELL_S))
+    photos = max(1, math.floor(SPELL_S / policies / period_s))  # whole photos per window
+    return max(rounds, math.ceil(duration_s / (photos * period_s) - 1e-9))
+
+
+def answer_spans(records: Iterable[Any], windows: Iterable[tuple[float, float]]
+                 ) -> list[tuple[float, float]]:
+    """Each window, to the service's last answer to a photo taken in it, inclusive: the
+    answers a window's photos got (``records``: anything with ``photo_s``, ``done_s`` and
+    ``served``). A window holds the photos taken in it; the answers to its last ones arrive
+    after it ends, and a saturated window's backlog drains after it ends, with nothing new
+    arriving. The service's throughput is counted over these spans, and the simulation's
+    service times are taken from them (``bench.fleet_sim_served``): to the window's end, a
+    single device's 0.5 s windows lost a third of their answers, and 128 devices' `cloud`
+    kept only the batches that ran while requests kept arriving (16 rows in 205 ms, against
+    171 ms over the whole span), so its drain simulated slow."""
+    records = list(records)
+    out = []
+    for start, end in windows:
+        last = max((r.done_s for r in records if r.served and start <= r.photo_s < end),
+                   default=end)
+        out.append((start, max(end, last)))
+    return out

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from bench.fleet_device import FleetDevice, FleetInputs, LinkTransport, Record
-from bench.fleet_rounds import round_orders
+from bench.fleet_rounds import answer_spans, round_orders
 from bench.netem import PROFILES
 from bench.service_load import histogram_delta
 from bench.stats import percentile
@@ -352,21 +352,6 @@ def summarize(records: Sequence[Record], spec: RunSpec, *, engine: str = "uvicor
             link: dict(Counter(r.candidate for r in inside if r.link == link).most_common())
             for link in dict.fromkeys(spec.link_mix)}
     return row
-
-
-def answer_spans(records: Sequence[Record], windows: Sequence[Window]) -> list[Window]:
-    """Each window, to the service's last answer to a photo taken in it, inclusive (the
-    throughput is counted over these): a window holds the photos taken in it, the answers to
-    its last ones arrive after it ends, and its first answers a round trip after it opens.
-    Counted to the window's end, a single device's 0.5 s windows
-    (``bench.fleet_rounds.size_rounds``) lost a third of their answers, and a saturated
-    window's service stays busy past its end."""
-    out = []
-    for start, end in windows:
-        last = max((r.done_s for r in records if r.served and start <= r.photo_s < end),
-                   default=end)
-        out.append((start, max(end, last)))
-    return out
 
 
 def by_round(records: Sequence[Record], windows: Sequence[Window]) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from bench.fleet_rounds import answer_spans
 from bench.fleet_sim_inputs import ServiceTimes
 from bench.netem import PROFILES, LinkShape
 from shared.planner import HTTP_OVERHEAD_BYTES, RESPONSE_BYTES
@@ -130,8 +131,10 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
     compute_alone: dict[str, Hist] = {}
     decode_alone: dict[str, Hist] = {}
     overhead_alone: dict[str, Hist] = {}
+    spans = answer_spans(records, windows)  # a window's drain included
     for i, r in enumerate(records):
-        if not r.served or r.compute_ms is None or not _within(r.done_s, windows):
+        if not r.served or r.compute_ms is None or \
+                not any(a <= r.done_s <= b for a, b in spans):
             continue
         cand, n = r.candidate, 0 if i in cold else int(r.batch_size or 1)
         _add(queue.setdefault(cand, {}).setdefault(str(n), _new()), r.queue_ms)
