@@ -38,7 +38,9 @@ service (every replica) idle for ``bench.fleet_sim_served.IDLE_S`` runs cold: it
 compute and overhead are drawn from the requests that found the measured service so (batch
 size 0); a warm one that finds it empty draws its decode and overhead from the measured lone
 requests that had the service to themselves (``bench.fleet_sim_served``'s alone class), and its
-forward pass too if it is still the service's only request when its batch starts.
+forward pass too if it is still the service's only request when its batch starts. A batch
+that starts after a window closed (its backlog draining, nothing new arriving) draws from the
+measured drain's batches of its size.
 """
 
 from __future__ import annotations
@@ -280,6 +282,7 @@ class _Sim:
         self.alone_draws = svc.alone_overhead_draws
         self.alone_compute = svc.alone_compute_draws
         self.alone_decode = svc.alone_decode_draws
+        self.drain = svc.drain_compute_draws
         # AutoSplit's start-up: the metadata (a GET), then the probe's four uploads
         self.probe_up_ms = [[lk.rtt_ms / 2 + lk.up_ms(b + HTTP_OVERHEAD_BYTES)
                              for b in (0, *PROBE_BYTES)] for lk in links]
@@ -410,6 +413,8 @@ class _Sim:
         elif n == 1 and self.in_service and batch[0][1][11] and key in self.alone_compute \
                 and sum(rep.inflight for rep in self.reps) == 1:  # still the service's only one
             samples, scale = self.alone_compute[key], 1.0
+        elif n in self.drain.get(key, {}) and self.now >= self.t0 and not self.live(self.now):
+            samples, scale = self.drain[key][n], 1.0  # a window closed: its backlog drains
         compute = self.rng.choice(samples) * scale
         r.running, r.key, r.batch_start = batch, key, self.now
         r.batch_left = compute

@@ -75,6 +75,11 @@ class ServiceTimes:
     alone_compute_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     alone_decode_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     alone_overhead_draws: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # candidate -> batch size -> a forward pass that started after its window closed, while a
+    # backlog drained with nothing new arriving (``compute_drain_ms``); sizes not measured run
+    # as ``batch_ms``
+    drain_compute_draws: Mapping[str, Mapping[int, tuple[float, ...]]] = field(
+        default_factory=dict)
 
     def __post_init__(self) -> None:
         for cand, sizes in self.batch_ms.items():
@@ -140,6 +145,7 @@ class ServiceTimes:
                 "spread": self.spread, "in_service": self.in_service,
                 **({"decode_draws": _sizes_json(self.decode_draws),
                     "overhead_draws": _sizes_json(self.overhead_draws),
+                    "drain_compute_draws": _sizes_json(self.drain_compute_draws),
                     "cold_draws": {c: list(xs) for c, xs in self.cold_draws.items()},
                     **{name: {c: list(xs) for c, xs in getattr(self, name).items()}
                        for name in ("alone_compute_draws", "alone_decode_draws",

@@ -11,6 +11,12 @@ run, as histograms on a log scale (``BINS_PER_DECADE``; counts and exact sums, s
 exactly):
 
 * ``compute_ms[candidate][batch size]``: one forward pass, counted once per batch;
+* ``compute_drain_ms[candidate][batch size]``: the forward passes that started after their
+  window closed (answer less forward pass), while a backlog drained with nothing new
+  arriving, on a core no HTTP work or decode shares: 128 devices' ``cloud`` ran 16 rows in
+  ~205 ms while requests kept arriving, and its drain faster. Every answer of a window's span
+  counts (``bench.fleet_rounds.answer_spans``: to its photos' last answer); the simulation
+  draws a batch that starts between windows from this class;
 * ``decode_ms[candidate][batch size]``: each request's decode (frame unpack, or JPEG decode
   and crop), by the size of the batch it then rode in;
 * ``overhead_ms[candidate][batch size]``: the round trip less the service's three times and
@@ -65,6 +71,7 @@ __all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "po
            "run_summary", "service_times", "summary_json"]
 
 ALONE_PARTS = ("compute_alone_ms", "decode_alone_ms", "overhead_alone_ms")
+SIZED_PARTS = ("compute_ms", "compute_drain_ms", "decode_ms", "overhead_ms", "queue_ms")
 IDLE_S = 0.3  # idle this long (no request in flight), the next request runs cold (above)
 BINS_PER_DECADE = 40  # bins 6% wide: a drawn time is within 3% of the one measured
 MIN_BATCHES = 3  # a batch size seen fewer times is interpolated from its neighbours
@@ -131,10 +138,14 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
     compute_alone: dict[str, Hist] = {}
     decode_alone: dict[str, Hist] = {}
     overhead_alone: dict[str, Hist] = {}
-    spans = answer_spans(records, windows)  # a window's drain included
+    compute_drain: dict[str, dict[str, Hist]] = {}
+    spans = list(zip(windows, answer_spans(records, windows), strict=True))
     for i, r in enumerate(records):
-        if not r.served or r.compute_ms is None or \
-                not any(a <= r.done_s <= b for a, b in spans):
+        if not r.served or r.compute_ms is None:
+            continue
+        # the window whose span (its drain included) the answer arrived in
+        window = next(((w0, w1) for (w0, w1), (a, b) in spans if a <= r.done_s <= b), None)
+        if window is None:
             continue
         cand, n = r.candidate, 0 if i in cold else int(r.batch_size or 1)
         _add(queue.setdefault(cand, {}).setdefault(str(n), _new()), r.queue_ms)
@@ -144,7 +155,10 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             _add(compute_alone.setdefault(cand, _new()), r.compute_ms)
         elif (cand, n, r.compute_ms) not in batches:
             batches.add((cand, n, r.compute_ms))
-            _add(compute.setdefault(cand, {}).setdefault(str(n), _new()), r.compute_ms)
+            # started after its window closed (the answer less its forward pass): the drain
+            drained = n > 0 and r.done_s - r.compute_ms / 1e3 >= window[1]
+            _add((compute_drain if drained else compute).setdefault(cand, {})
+                 .setdefault(str(n), _new()), r.compute_ms)
         _add(decode_alone.setdefault(cand, _new()) if lone
              else decode.setdefault(cand, {}).setdefault(str(n), _new()), r.decode_ms)
         if r.round_trip_ms is not None and r.link in PROFILES:
@@ -152,9 +166,10 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
             _add(overhead_alone.setdefault(cand, _new()) if lone
                  else overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
-    return {"compute_ms": compute, "decode_ms": decode, "overhead_ms": overhead,
-            "compute_alone_ms": compute_alone, "decode_alone_ms": decode_alone,
-            "overhead_alone_ms": overhead_alone, "queue_ms": queue,
+    return {"compute_ms": compute, "compute_drain_ms": compute_drain, "decode_ms": decode,
+            "overhead_ms": overhead, "compute_alone_ms": compute_alone,
+            "decode_alone_ms": decode_alone, "overhead_alone_ms": overhead_alone,
+            "queue_ms": queue,
             "device_lag_ms": {str(spec.devices): _lag(records, windows, inputs)},
             "idle_s": IDLE_S}
 
@@ -237,9 +252,8 @@ def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         served = _reclassed(run, served)
         group = out.setdefault(group_key(run.get("engine", "uvicorn"), run.get("replicas", 1)),
-                               {"compute_ms": {}, "decode_ms": {}, "overhead_ms": {},
-                                "queue_ms": {}})
-        for part in ("compute_ms", "decode_ms", "overhead_ms", "queue_ms"):
+                               {part: {} for part in SIZED_PARTS})
+        for part in SIZED_PARTS:
             for cand, sizes in served.get(part, {}).items():
                 for n, hist in sizes.items():
                     _merge(group[part].setdefault(cand, {}).setdefault(n, _new()), hist)
@@ -333,9 +347,13 @@ def service_times(group: Mapping[str, Any]) -> ServiceTimes:
                 if c in batch_ms and (d := _sized(sizes))}
     lone = {part: {c: draws(h) for c, h in alone[part].items()
                    if c in batch_ms and int(h["count"]) >= MIN_BATCHES} for part in ALONE_PARTS}
+    # a drain's batch sizes as measured, none interpolated: the others run as in the window
+    drain = {c: {int(n): draws(h) for n, h in sizes.items() if int(h["count"]) >= MIN_BATCHES}
+             for c, sizes in group.get("compute_drain_ms", {}).items() if c in batch_ms}
     return ServiceTimes(batch_ms, {c: _mean(sizes) for c, sizes in decode.items()},
                         spread=True, in_service=True, decode_draws=decode,
                         overhead_draws=overhead, cold_draws=cold,
+                        drain_compute_draws={c: d for c, d in drain.items() if d},
                         alone_compute_draws=lone["compute_alone_ms"],
                         alone_decode_draws=lone["decode_alone_ms"],
                         alone_overhead_draws=lone["overhead_alone_ms"])

@@ -377,6 +377,37 @@ def test_the_event_loop_is_a_queue_the_requests_wait_for() -> None:
     assert delay.throughput_rps > 90 and delay.p95_ms < 200
 
 
+def test_a_batch_that_started_after_its_window_closed_is_the_drain_s() -> None:
+    # window [0, 1): the answers to its last photos arrive after it, and count
+    records = [_answer(0, 0.5, compute_ms=12.0, batch=2), _answer(1, 0.5, compute_ms=12.0, batch=2),
+               _answer(0, 0.95, compute_ms=30.0, batch=2, overhead_ms=200.0),
+               _answer(1, 0.95, compute_ms=30.0, batch=2, overhead_ms=200.0)]
+    summary = served.run_summary(records, _spec(window=(0.0, 1.0)), HEADS)
+    assert summary["compute_ms"][SPLIT]["2"]["count"] == 1  # 12 ms, in the window
+    drained = summary["compute_drain_ms"][SPLIT]["2"]
+    assert drained["count"] == 1 and _mean(drained) == pytest.approx(30.0)
+    # every answer of the span counts (each pair's first found the service idle: cold)
+    assert sum(h["count"] for h in summary["decode_ms"][SPLIT].values()) == 4
+
+
+def test_a_drain_draws_its_own_forward_passes() -> None:
+    # 16-row passes of 400 ms while 150 devices send: 40 rows/s against 100 offered
+    records = [_answer(i, 20.0 + t, compute_ms=400.0, batch=16) for t in range(4)
+               for i in range(16)]
+    records += [_answer(t % 8, t / 8, compute_ms=25.0) for t in range(88)]
+    warm = served.run_summary(records, _spec(16, (0.0, 30.0)), HEADS)
+    doc = {"inputs": _inputs_doc(), "runs": [
+        {"engine": "uvicorn", "replicas": 1, "policy": SPLIT, "devices": 8, "p50_ms": 80.0,
+         "p95_ms": 80.0, "duration_s": 10.0, "served": warm}]}
+    inputs = load_inputs(doc)
+    slow = simulate(inputs, "middle", devices=150, seed=0, duration_s=3.0)
+    fast = replace(inputs.service, drain_compute_draws={SPLIT: {16: (40.0,)}})
+    drained = simulate(replace(inputs, service=fast), "middle", devices=150, seed=0,
+                       duration_s=3.0)
+    # the window's photos still queued when it closes are answered 10x as fast
+    assert drained.ok == slow.ok and drained.p95_ms < slow.p95_ms * 0.8
+
+
 def test_rounds_let_the_queue_drain_between_windows() -> None:
     inputs = load_inputs(_loop_bound_doc())
     one = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0)
