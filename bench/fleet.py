@@ -221,11 +221,12 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"[yellow]{notes[-1]}[/]")
                 break
     runs = [row for row, _, _ in measured]
-    fleet_records.save(args.out / fleet_records.RECORDS_NAME, measured)
     doc = _document(args, runs, inputs, profile_doc, settings, layout, common, sizes, engines,
                     notes, time.perf_counter() - started)
     doc["simulation"] = simulation(doc, cache)
     paths = fleet_report.write(doc, args.out, console)
+    # after fleet.json: records never sit beside an older fleet.json whose rows they would join
+    paths.append(fleet_records.save(args.out / fleet_records.RECORDS_NAME, measured))
     console.print(f"measured in {time.perf_counter() - started:.0f} s; wrote "
                   + ", ".join(map(str, paths)))
     return 0
@@ -264,8 +265,8 @@ def _runs(console: Any, url: str, inputs: FleetInputs, engine: str, replicas: in
 
             # With two replicas each scrape of /metrics answers from either one, and a window's
             # two scrapes make no delta (mean batches under 1 came out): the answers' then.
-            # Nor between a single device's short windows: two scrapes per 3 photos would
-            # load the service beside them.
+            # Nor between a shortened fleet's short windows (a single device's at the
+            # defaults): two scrapes per 3 photos would load the service beside them.
             results = asyncio.run(run_rounds(
                 url, inputs, specs, on_window=shown,
                 scrape_metrics=replicas == 1 and not shortened,

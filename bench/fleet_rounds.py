@@ -26,9 +26,14 @@ __all__ = ["FINE_PAUSE_S", "SPELL_S", "answer_spans", "round_orders", "size_roun
 MAX_STRETCH = 2.0  # a small fleet's window grows to this many times --duration, no further
 # The shared machine's slow spells (compute 1.5x for a few seconds) last 3-6 s in bench
 # fleet's records: a fleet too small to fill its window at the asked photo rate (a single
-# device) runs its policies' rounds this short, so a spell lands on every policy alike.
+# device at the defaults) runs its policies' rounds this short, so a spell lands on every
+# policy alike.
 SPELL_S = 3.0
-FINE_PAUSE_S = 0.1  # between such short windows: nothing queues at a single device's rate
+# between such short windows: so small a fleet leaves no queue to settle. The pooled time line
+# still puts a gap of ``bench.fleet_run.ROUND_GAP_S`` before each window, so a window's first
+# request is classed cold (``bench.fleet_sim_served.IDLE_S``), here and in the simulation alike,
+# though the service ran the other policies' windows meanwhile.
+FINE_PAUSE_S = 0.1
 
 
 def round_orders(count: int, rounds: int) -> list[list[int]]:
@@ -82,11 +87,12 @@ def size_window(devices: int, *, period_s: float, duration_s: float, min_photos:
 def size_rounds(rounds: int, *, policies: int, period_s: float, duration_s: float,
                 shortened: bool) -> int:
     """The rounds for one fleet size: ``rounds``, or for a fleet whose photo period
-    ``size_window`` shortened, enough that one round of every policy's window lasts at most
-    ``SPELL_S``, each window a whole number of photo periods. A single device's p95 over 120
-    photos is its 6th slowest, so one slow spell inside one policy's 5 s window decided it:
-    two policies that sent every photo alike (auto all to ``cloud``, and ``cloud``) came out
-    13% apart at p95 in one run.
+    ``size_window`` shortened, enough that one round of every policy's window lasts about
+    ``SPELL_S`` at most, each window a whole number of photo periods when ``duration_s`` holds
+    a whole number of windows (as at the defaults), and never less than one period. A single
+    device's p95 over 120 photos is its 6th slowest, so one slow spell inside one policy's 5 s
+    window decided it: two policies that sent every photo alike (auto all to ``cloud``, and
+    ``cloud``) came out 13% apart at p95 in one run.
 
         >>> size_rounds(4, policies=6, period_s=1.0, duration_s=10.0, shortened=False)
         4

@@ -38,7 +38,9 @@ service (every replica) idle for ``bench.fleet_sim_served.IDLE_S`` runs cold: it
 compute and overhead are drawn from the requests that found the measured service so (batch
 size 0); a warm one that finds it empty draws its decode and overhead from the measured lone
 requests that had the service to themselves (``bench.fleet_sim_served``'s alone class), and its
-forward pass too if it is still the service's only request when its batch starts. A batch
+forward pass too if it is still the service's only request when its batch starts (the
+measured class asks for no overlap at all: a request that arrives during that pass is not
+seen here). A batch
 that starts after a window closed (its backlog draining, nothing new arriving) draws from the
 measured drain's batches of its size.
 """

@@ -12,11 +12,11 @@ exactly):
 
 * ``compute_ms[candidate][batch size]``: one forward pass, counted once per batch;
 * ``compute_drain_ms[candidate][batch size]``: the forward passes that started after their
-  window closed (answer less forward pass), while a backlog drained with nothing new
-  arriving, on a core no HTTP work or decode shares: 128 devices' ``cloud`` ran 16 rows in
-  ~205 ms while requests kept arriving, and its drain faster. Every answer of a window's span
-  counts (``bench.fleet_rounds.answer_spans``: to its photos' last answer); the simulation
-  draws a batch that starts between windows from this class;
+  window closed (arrival at the service, decode and queue after), while a backlog drained
+  with nothing new arriving, on a core no HTTP work or decode shares: 128 devices' ``cloud``
+  ran 16 rows in ~205 ms while requests kept arriving, and its drain faster. Every answer of
+  a window's span counts (``bench.fleet_rounds.answer_spans``: to its photos' last answer);
+  the simulation draws a batch that starts between windows from this class;
 * ``decode_ms[candidate][batch size]``: each request's decode (frame unpack, or JPEG decode
   and crop), by the size of the batch it then rode in;
 * ``overhead_ms[candidate][batch size]``: the round trip less the service's three times and
@@ -155,8 +155,10 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             _add(compute_alone.setdefault(cand, _new()), r.compute_ms)
         elif (cand, n, r.compute_ms) not in batches:
             batches.add((cand, n, r.compute_ms))
-            # started after its window closed (the answer less its forward pass): the drain
-            drained = n > 0 and r.done_s - r.compute_ms / 1e3 >= window[1]
+            # started after its window closed (its arrival at the service, decode and queue
+            # after): the drain
+            drained = n > 0 and r.link in PROFILES and _at_service(r, inputs)[0] + (
+                r.decode_ms + r.queue_ms) / 1e3 >= window[1]
             _add((compute_drain if drained else compute).setdefault(cand, {})
                  .setdefault(str(n), _new()), r.compute_ms)
         _add(decode_alone.setdefault(cand, _new()) if lone
@@ -174,18 +176,24 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             "idle_s": IDLE_S}
 
 
+def _at_service(r: Any, inputs: Any) -> tuple[float, float]:
+    """When an answered request (on an emulated link of ``PROFILES``) reached the service and
+    when its answer left it, on the device's clock: from the request leaving, plus its link's
+    one-way time and the body's upload, to the answer, less the one-way time and the answer's
+    download (``link_ms``'s parts)."""
+    link = PROFILES[r.link]
+    sent_s = r.sent_s if r.sent_s is not None else r.start_s + inputs.head_ms(r.candidate) / 1e3
+    up_ms = ((r.request_bytes or 0) + HTTP_OVERHEAD_BYTES) * 8 / link.uplink_bps * 1e3
+    down_ms = RESPONSE_BYTES * 8 / link.downlink_bps * 1e3
+    return (sent_s + (link.one_way_ms + up_ms) / 1e3,
+            r.done_s - (link.one_way_ms + down_ms) / 1e3)
+
+
 def _spans(records: list[Any], inputs: Any) -> list[tuple[float, float, int]]:
-    """(arrive_s, leave_s, index) of each answered request at the service, by arrival: the
-    service's side seen from the device's clock (from the request leaving, plus its link's
-    one-way time, to the answer, less it)."""
-    spans = []
-    for i, r in enumerate(records):
-        if r.served and r.link in PROFILES:
-            one_way_s = PROFILES[r.link].one_way_ms / 1e3
-            sent_s = r.sent_s if r.sent_s is not None else (
-                r.start_s + inputs.head_ms(r.candidate) / 1e3)
-            spans.append((sent_s + one_way_s, r.done_s - one_way_s, i))
-    return sorted(spans)
+    """(arrive_s, leave_s, index) of each answered request at the service, by arrival
+    (``_at_service``)."""
+    return sorted((*_at_service(r, inputs), i) for i, r in enumerate(records)
+                  if r.served and r.link in PROFILES)
 
 
 def _alone(records: list[Any], inputs: Any) -> set[int]:
