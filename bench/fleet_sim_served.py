@@ -115,9 +115,16 @@ def link_ms(link: LinkShape, request_bytes: float) -> float:
         >>> round(link_ms(PROFILES["3g"], 19_650), 1)   # 150 + 100 + 3.5
         253.5
     """
+    to_ms, from_ms = _one_way_ms(link, request_bytes)
+    return to_ms + from_ms
+
+
+def _one_way_ms(link: LinkShape, request_bytes: float) -> tuple[float, float]:
+    """``link_ms`` in its two halves: half the RTT and the body up, half the RTT and the answer
+    down."""
     up_ms = (request_bytes + HTTP_OVERHEAD_BYTES) * 8 / link.uplink_bps * 1e3
     down_ms = RESPONSE_BYTES * 8 / link.downlink_bps * 1e3
-    return link.rtt_ms + up_ms + down_ms
+    return link.one_way_ms + up_ms, link.one_way_ms + down_ms
 
 
 def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
@@ -181,12 +188,9 @@ def _at_service(r: Any, inputs: Any) -> tuple[float, float]:
     when its answer left it, on the device's clock: from the request leaving, plus its link's
     one-way time and the body's upload, to the answer, less the one-way time and the answer's
     download (``link_ms``'s parts)."""
-    link = PROFILES[r.link]
     sent_s = r.sent_s if r.sent_s is not None else r.start_s + inputs.head_ms(r.candidate) / 1e3
-    up_ms = ((r.request_bytes or 0) + HTTP_OVERHEAD_BYTES) * 8 / link.uplink_bps * 1e3
-    down_ms = RESPONSE_BYTES * 8 / link.downlink_bps * 1e3
-    return (sent_s + (link.one_way_ms + up_ms) / 1e3,
-            r.done_s - (link.one_way_ms + down_ms) / 1e3)
+    to_ms, from_ms = _one_way_ms(PROFILES[r.link], r.request_bytes or 0)
+    return sent_s + to_ms / 1e3, r.done_s - from_ms / 1e3
 
 
 def _spans(records: list[Any], inputs: Any) -> list[tuple[float, float, int]]:
