@@ -313,6 +313,12 @@ def _ray(settings: dict[str, Any], layout: CpuLayout, replicas: int) -> Iterator
         os.sched_setaffinity(0, old)
 
 
+def _ray_env() -> dict[str, str]:
+    from bench.serve_overhead import RAY_ENV  # as _ray does: imports the device runtime
+
+    return dict(RAY_ENV)
+
+
 def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: FleetInputs,
               profile_doc: dict[str, Any], settings: dict[str, Any], layout: CpuLayout,
               common: dict[str, Any], sizes: list[int], engines: list[str], notes: list[str],
@@ -368,6 +374,8 @@ def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: Flee
             "engines": engines,
             "sizes": sizes,
             "ray_runs": sorted({(r["replicas"], r["policy"], r["devices"]) for r in ray_runs}),
+            # what Ray's own processes ran with (bench.serve_overhead.RAY_ENV says why)
+            "ray_env": _ray_env() if ray_runs else {},
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "elapsed_s": round(elapsed_s, 1),
             "command": _command(args),
