@@ -45,12 +45,12 @@ MODEL = "efficientnet_lite0"
 ENGINES = ("uvicorn", "ray-serve")
 READY_TIMEOUT_S = 600.0
 # Ray's own metrics (not splitserve's /metrics): every Ray process exports them to the node's
-# dashboard agent every 10 s by default, and the agent ingests them in a 25-35 ms burst of CPU.
-# Here Ray's whole node shares the replica's one core, so each burst landed in whatever request
-# was in flight. 600 serial `cloud` requests, one every 0.17 s, through one replica: slowest 69
-# and 81 ms in two runs, 43 ms with the export every 10 min; two p95s of 120 of them (resampled)
-# differed by more than 10% in 3.5% and 11% of draws, 0.7% with it. A node with cores to spare
-# keeps Ray's default.
+# dashboard agent every 10 s by default, and the agent ingests them in a 25-35 ms burst of CPU
+# (seen in /proc/<pid>/task/*/schedstat sampled every 5 ms; py-spy: its ReporterAgent). Here
+# Ray's whole node shares the replica's one core, so each burst landed in whatever request was
+# in flight: in `bench fleet`'s kept records, one replica's single-device round trips more than
+# 10 ms over their median were 15 of 360 with the default, 2 of 360 with the export every 10 min
+# (the README's fleet section). A node with cores to spare keeps Ray's default.
 RAY_ENV = {"RAY_metrics_report_interval_ms": "600000"}
 
 
