@@ -62,6 +62,7 @@ from bench.fleet_rounds import FINE_PAUSE_S, size_rounds, size_window
 from bench.fleet_run import FleetRun, RunSpec, bar, run_rounds, summarize
 from bench.fleet_sim_defaults import PERIOD_MS
 from bench.netem import PROFILES
+from bench.serve_overhead import RAY_ENV
 from bench.service_compute import CpuLayout, cpu_layout
 from shared import cliargs
 from shared.candidates import AUTO, CLOUD, DEVICE
@@ -313,12 +314,6 @@ def _ray(settings: dict[str, Any], layout: CpuLayout, replicas: int) -> Iterator
         os.sched_setaffinity(0, old)
 
 
-def _ray_env() -> dict[str, str]:
-    from bench.serve_overhead import RAY_ENV  # as _ray does: imports the device runtime
-
-    return dict(RAY_ENV)
-
-
 def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: FleetInputs,
               profile_doc: dict[str, Any], settings: dict[str, Any], layout: CpuLayout,
               common: dict[str, Any], sizes: list[int], engines: list[str], notes: list[str],
@@ -375,7 +370,7 @@ def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: Flee
             "sizes": sizes,
             "ray_runs": sorted({(r["replicas"], r["policy"], r["devices"]) for r in ray_runs}),
             # what Ray's own processes ran with (bench.serve_overhead.RAY_ENV says why)
-            "ray_env": _ray_env() if ray_runs else {},
+            "ray_env": dict(RAY_ENV) if ray_runs else {},
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
             "elapsed_s": round(elapsed_s, 1),
             "command": _command(args),
