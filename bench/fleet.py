@@ -61,6 +61,8 @@ from bench.fleet_inputs import device_profile, encode_payloads
 from bench.fleet_rounds import FINE_PAUSE_S, size_rounds, size_window
 from bench.fleet_run import FleetRun, RunSpec, bar, run_rounds, summarize
 from bench.fleet_sim_defaults import PERIOD_MS
+from bench.fleet_sim_served import group_key
+from bench.fleet_startup import startup_ms
 from bench.netem import PROFILES
 from bench.serve_overhead import RAY_ENV
 from bench.service_compute import CpuLayout, cpu_layout
@@ -204,9 +206,11 @@ def run(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     measured: list[tuple[dict[str, Any], RunSpec, FleetRun]] = []  # for fleet_records
     notes = []
+    startup: dict[str, dict[str, Any]] = {}  # per deployment: what a device's start-up costs it
     if "uvicorn" in engines:
         with service._service(console, MODEL, settings, layout,
                               profile_repeats=PROFILE_REPEATS) as svc:
+            startup[group_key("uvicorn", 1)] = asyncio.run(startup_ms(svc.url, MODEL))
             measured += _runs(console, svc.url, inputs, "uvicorn", 1, policies, sizes, common)
     if "ray-serve" in engines:
         ordered = sorted(sizes)
@@ -215,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         for replicas in args.replicas or [1, 2]:
             try:
                 with _ray(settings, layout, replicas) as url:
+                    startup[group_key("ray-serve", replicas)] = asyncio.run(
+                        startup_ms(url, MODEL))
                     measured += _runs(console, url, inputs, "ray-serve", replicas,
                                       ray_policies, ray_sizes, common)
             except ConfigError as exc:
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
                 break
     runs = [row for row, _, _ in measured]
     doc = _document(args, runs, inputs, profile_doc, settings, layout, common, sizes, engines,
-                    notes, time.perf_counter() - started)
+                    notes, time.perf_counter() - started, startup)
     doc["simulation"] = simulation(doc, cache)
     paths = fleet_report.write(doc, args.out, console)
     # after fleet.json: records never sit beside an older fleet.json whose rows they would join
@@ -317,7 +323,7 @@ def _ray(settings: dict[str, Any], layout: CpuLayout, replicas: int) -> Iterator
 def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: FleetInputs,
               profile_doc: dict[str, Any], settings: dict[str, Any], layout: CpuLayout,
               common: dict[str, Any], sizes: list[int], engines: list[str], notes: list[str],
-              elapsed_s: float) -> dict[str, Any]:
+              elapsed_s: float, startup: dict[str, dict[str, Any]]) -> dict[str, Any]:
     head_ms = {c.split: round(inputs.head_ms(c.split), 3) for c in inputs.profile.costs}
     request_bytes = {c: round(statistics.fmean(len(p.body) for p in bodies), 1)
                      for c, bodies in inputs.payloads.items()}
@@ -359,6 +365,8 @@ def _document(args: argparse.Namespace, runs: list[dict[str, Any]], inputs: Flee
                         "batch_wait_ms": settings["max_queue_delay_ms"],
                         "max_queue": settings["max_queue"],
                         "threads": settings["threads"], "backend": settings["backend"]},
+            # per deployment (engine/replicas): a device's start-up, serial (fleet_startup)
+            "startup_ms": startup,
         },
         "setup": {
             "cpu": platform.processor() or platform.machine(),

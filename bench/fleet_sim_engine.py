@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.fleet_sim_auto import PROBE_BYTES, AutoDevice
-from bench.fleet_sim_inputs import FleetInputs, candidate_of, seeded_phases
-from bench.fleet_sim_served import IDLE_S
+from bench.fleet_sim_inputs import STARTUP_KEYS, FleetInputs, candidate_of, seeded_phases
+from bench.fleet_sim_served import IDLE_S, group_key
 from cloud_server.costs import ServerCosts
 from shared.candidates import CLOUD, DEVICE
 from shared.planner import HTTP_OVERHEAD_BYTES
@@ -75,8 +75,10 @@ _QUEUE, _DECODE, _ANSWER, _PROBE = range(4)
 # drawn overhead (thread hand-offs, the emulated device's own loop) is a delay. Checked on six
 # measured run sets (README): 0.5-1.0 validate alike.
 LOOP_SHARE = 1.0
-# a probe upload's loop CPU against a request's (read a body, answer a few bytes: no decode
-# hand-off, no batch), and the metadata's (a JSON answer like an inference's)
+# without the deployment's measured start-up (inputs.startup_ms, bench.fleet_startup; an older
+# fleet.json): a probe upload's loop CPU against a request's (read a body, answer a few bytes:
+# no decode hand-off, no batch), and the metadata's (a JSON answer like an inference's). A
+# guess: behind Ray Serve's proxy a probe measured 1.5x an inference's loop CPU, not 0.5x.
 PROBE_SHARE = 0.5
 META_SHARE = 1.0
 # [device, candidate, start ms, photo ms, still awaited by the device, found the replica idle]
@@ -267,6 +269,9 @@ class _Sim:
         self.down_ms = [lk.rtt_ms / 2 + lk.down_ms(inputs.response_bytes) for lk in links]
         lags = inputs.device_lag_ms
         self.lag_ms = lags[min(lags, key=lambda n: (abs(n - devices), n))] if lags else ()
+        # a device's start-up on this deployment, as measured (bench.fleet_startup), if it was
+        startup = inputs.startup_ms.get(group_key(engine, replicas), {})
+        self.startup = dict(startup) if all(k in startup for k in STARTUP_KEYS) else {}
         self.proxy_ms = inputs.proxy_ms.get(engine, 0.0)
         self.jitter_ms = inputs.jitter_ms.get(engine, 0.0)
         self.fixed = None if policy == "auto" else candidate_of(inputs, policy)
@@ -543,12 +548,20 @@ class _Sim:
         self.reschedule(r)
 
     def on_probe_at(self, payload: Any) -> None:
-        """One of the start-up probe's uploads reaches a replica: its loop reads it."""
+        """One of the start-up's requests (step 0 the metadata, then the probe's uploads)
+        reaches a replica: its loop spends the deployment's measured round trip on it
+        (``startup_ms``), else a share of a request's loop CPU."""
         r = self.pick_replica()
-        if self.in_service:
+        step = payload[1]
+        if self.startup:
+            key = "metadata_ms" if step == 0 else (
+                "probe_small_ms" if PROBE_BYTES[step - 1] == min(PROBE_BYTES)
+                else "probe_large_ms")
+            self.to_loop(r, self.startup[key], _PROBE, payload)
+        elif self.in_service:
             loop_ms, _ = self.loop_cost(CLOUD if CLOUD in self.loop_draws else next(
                 iter(self.loop_draws), CLOUD), False)
-            self.to_loop(r, loop_ms * (META_SHARE if payload[1] == 0 else PROBE_SHARE),
+            self.to_loop(r, loop_ms * (META_SHARE if step == 0 else PROBE_SHARE),
                          _PROBE, payload)
         else:
             self.push(self.now + self.probe_down_ms[payload[0]], _PROBED, payload)

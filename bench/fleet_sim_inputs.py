@@ -165,6 +165,9 @@ def _sizes_json(d: Mapping[str, Mapping[int, tuple[float, ...]]]) -> dict[str, A
     return {c: {str(n): list(xs) for n, xs in sorted(s.items())} for c, s in d.items()}
 
 
+STARTUP_KEYS = ("metadata_ms", "probe_small_ms", "probe_large_ms")
+
+
 @dataclass(frozen=True)
 class FleetInputs:
     """Devices, links and service of one fleet (``fleet.json``'s ``inputs``)."""
@@ -193,6 +196,9 @@ class FleetInputs:
     # fleet size -> the emulated devices' own lateness per photo, drawn at the nearest size
     # measured (bench.fleet_sim_served); empty: none (real devices, each on its own CPU)
     device_lag_ms: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+    # deployment ("uvicorn/1", "ray-serve/2") -> a device's start-up, each request's round
+    # trip timed alone: metadata_ms, probe_small_ms, probe_large_ms (bench.fleet_startup)
+    startup_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.period_ms <= 0 or self.batch_max < 1 or self.batch_wait_ms < 0:
@@ -231,7 +237,9 @@ class FleetInputs:
                 model=str(inputs.get("model", "efficientnet_lite0")),
                 warmup_s=float(inputs.get("warmup_s", 4.0)),
                 timeout_ms=float(inputs.get("timeout_s", 10.0)) * 1e3,
-                tail_ms={k: float(v) for k, v in inputs.get("tail_ms", {}).items()})
+                tail_ms={k: float(v) for k, v in inputs.get("tail_ms", {}).items()},
+                startup_ms={group: {k: float(v) for k, v in costs.items() if k in STARTUP_KEYS}
+                            for group, costs in inputs.get("startup_ms", {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"fleet inputs: missing or bad {exc}") from exc
 

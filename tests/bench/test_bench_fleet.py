@@ -23,6 +23,7 @@ from bench.fleet_device import (
 from bench.fleet_inputs import encode_payloads
 from bench.fleet_rounds import SPELL_S, round_orders, size_rounds, size_window
 from bench.fleet_run import RunSpec, _Pool, bar, device_phase_s, run_fleet, run_rounds, summarize
+from bench.fleet_startup import startup_ms
 from bench.netem import LinkShape
 from bench.service_compute import cpu_layout
 from device_client.local_service import LocalService
@@ -252,14 +253,17 @@ def test_fleet_json_has_the_contract_s_keys(tmp_path: Path) -> None:
                 "threads": 1, "backend": "onnxruntime"}
     profile_doc = {"costs": [], "device_cpu": 0.2, "device_cpu_limited": True}
     inputs = FleetInputs(MODEL, PROFILE, {CLOUD: [_payload()], SPLIT: [_payload()]})
+    startup = {"uvicorn/1": {"metadata_ms": 2.0, "probe_small_ms": 1.5, "probe_large_ms": 1.6,
+                             "requests": 30}}
     doc = fleet._document(args, rows, inputs, profile_doc, settings, cpu_layout({0, 1}), common,
-                          [1], ["uvicorn"], [], 1.0)
+                          [1], ["uvicorn"], [], 1.0, startup)
     run_keys = {"engine", "replicas", "policy", "devices", "p50_ms", "p95_ms", "throughput_rps",
                 "mean_batch_size", "ok", "rejected_503", "fallbacks", "errors", "timeouts"}
     assert all(run_keys <= set(r) for r in doc["runs"])
     assert "choices" in doc["runs"][1] and doc["runs"][1]["auto_vs_best_p95"] == 1.0
     assert {"model", "period_ms", "duration_s", "link_mix", "links", "head_ms",
-            "request_bytes", "response_bytes", "split_points", "service"} <= set(doc["inputs"])
+            "request_bytes", "response_bytes", "split_points", "service",
+            "startup_ms"} <= set(doc["inputs"])
     assert doc["inputs"]["head_ms"][SPLIT] == pytest.approx(82.8)
     assert doc["inputs"]["request_bytes"] == {CLOUD: 3.0, SPLIT: 3.0, DEVICE: 0.0}
     assert set(doc["inputs"]["links"]["lan"]) == {"rtt_ms", "up_bps", "down_bps"}
@@ -320,3 +324,13 @@ def test_two_policies_take_turns_against_the_real_service(live_service: LocalSer
         assert row["mean_batch_source"] == "metrics"
     auto_records = runs[1].records
     assert len({r.photo_s for r in auto_records}) == len(auto_records)  # one time line
+
+
+def test_a_device_s_start_up_is_timed_against_the_real_service(live_service: LocalService
+                                                                ) -> None:
+    costs = asyncio.run(startup_ms(live_service.url, MODEL, requests=3))
+    assert set(costs) == {"metadata_ms", "probe_small_ms", "probe_large_ms", "requests"}
+    assert costs["requests"] == 3
+    assert all(costs[k] > 0 for k in ("metadata_ms", "probe_small_ms", "probe_large_ms"))
+    with pytest.raises(ValueError, match="requests must be >= 1"):
+        asyncio.run(startup_ms(live_service.url, MODEL, requests=0))

@@ -444,6 +444,23 @@ def test_auto_probes_the_link_at_start_up_through_the_service_s_loop() -> None:
     assert auto.rtt_ms == pytest.approx(LAN.rtt_ms + 2.0)
 
 
+def test_auto_s_start_up_costs_the_loop_what_the_deployment_measured() -> None:
+    doc = _served_doc(70.0)
+    quick = simulate(load_inputs(doc), "auto", devices=8, seed=0, duration_s=5.0)
+    # a probe upload that takes the loop 300 ms (bench.fleet_startup timed it so) reads as a
+    # slow link: every device plans around the service, and never learns otherwise
+    doc["inputs"]["startup_ms"] = {"uvicorn/1": {"metadata_ms": 5.0, "probe_small_ms": 300.0,
+                                                 "probe_large_ms": 300.0, "requests": 30}}
+    inputs = load_inputs(doc)
+    assert inputs.startup_ms == {"uvicorn/1": {"metadata_ms": 5.0, "probe_small_ms": 300.0,
+                                               "probe_large_ms": 300.0}}
+    slow = simulate(inputs, "auto", devices=8, seed=0, duration_s=5.0)
+    assert quick.choices.get(SPLIT, 0) > 0 and set(slow.choices) == {DEVICE}
+    # another deployment's figures are not this one's
+    other = simulate(inputs, "auto", devices=8, seed=0, duration_s=5.0, replicas=2)
+    assert other.choices.get(SPLIT, 0) > 0
+
+
 def test_auto_learns_the_service_speed_from_answers() -> None:
     from bench.fleet_sim_auto import SERVER_HALF_LIFE_MS, AutoDevice
 
