@@ -7,16 +7,21 @@ Fed with ``fleet.json``'s ``inputs`` (``--from``, default ``DIR/fleet.json``; wi
 same inputs built from ``bench/results``: ``bench.fleet_sim_defaults``) and with service times
 per (candidate, batch size): what the service answered in the file's own runs, pooled per
 engine and replica count (``runs[].served``, ``bench.fleet_sim_served``; ``validate`` gives each
-run its group's, the projection takes ``uvicorn/1``'s; summarised again from the records saved
+run its own answers over its group's pool, ``fleet_sim_served.overlaid``: the shared machine's
+speed moved 30-40% between runs, and a saturated run's p95, the wait for its backlog, moves
+with it, 2,366 and 3,953 ms on two runs of the same settings; the projection takes
+``uvicorn/1``'s pool; summarised again from the records saved
 beside the file, ``bench.fleet_records``, when they are there, and written back to it when it
 is ``DIR/fleet.json``), else the file's
 ``inputs.service.service_ms``, else measured here with the service's backend on one core and
 one thread (``bench.fleet_sim_measure``, cached in DIR). The model is in
 ``bench.fleet_sim_engine``; ``auto`` is in ``bench.fleet_sim_auto``.
 
-With the runs' answers nothing is calibrated per run; the event loop's model has three shares
-(``fleet_sim_engine.LOOP_SHARE``, ``PROBE_SHARE``, ``META_SHARE``) chosen once on the measured
-run sets the README lists. Each run is simulated at its own photo period and in its own rounds.
+With the runs' answers nothing is calibrated per run; the event loop's model has a share
+(``fleet_sim_engine.LOOP_SHARE``) chosen once on the measured run sets the README lists, and
+a device's start-up costs each deployment's measured round trips (``inputs.startup_ms``,
+``bench.fleet_startup``; ``PROBE_SHARE`` and ``META_SHARE`` guess them without). Each run is
+simulated at its own photo period and in its own rounds.
 Without them (in-process times), two per-request
 costs that in-process timing cannot see are calibrated, from structure only:
 the service's CPU for the HTTP exchange (``bench service``'s one-client run: CPU per answer less
@@ -50,7 +55,14 @@ from bench import fleet_records
 from bench.fleet_sim_defaults import default_inputs_doc, http_cpu_ms
 from bench.fleet_sim_engine import SimResult, simulate
 from bench.fleet_sim_inputs import FleetInputs
-from bench.fleet_sim_served import device_lag, group_key, pooled, service_times, summary_json
+from bench.fleet_sim_served import (
+    device_lag,
+    group_key,
+    overlaid,
+    pooled,
+    service_times,
+    summary_json,
+)
 from bench.fleet_sim_served import run_summary as served
 from shared.candidates import DEVICE
 from shared.errors import ConfigError
@@ -159,7 +171,11 @@ def validate(doc: Mapping[str, Any], *, seed: int = 0, cache_dir: Path | None = 
                                      [r for r in runs if _group(r) not in by_group], seed=seed)
     rows = []
     for r in runs:
-        inputs = by_group.get(_group(r)) or fallback
+        key = _group(r)
+        # the run's own answers over its group's pool: this machine's speed moves between
+        # minutes, and a saturated run's p95 moves with it (module docstring)
+        inputs = (served_inputs(doc["inputs"], overlaid(r, groups[key])) if r.get("served")
+                  else by_group[key]) if key in groups else fallback
         assert inputs is not None
         sim = _like(inputs, r, seed)
         row = {"engine": r.get("engine", "uvicorn"), "replicas": int(r.get("replicas", 1)),

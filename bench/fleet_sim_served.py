@@ -53,7 +53,9 @@ These are wall-clock times on the service's own loaded core, taken in the same r
 latencies they are checked against, so they already hold the core's sharing between HTTP work,
 decodes and the compute thread, and whatever else the machine ran that minute: the simulation
 takes them as they are (``ServiceTimes.in_service``). They are pooled per engine and replica
-count over all of a document's runs, never per run, and no end-to-end latency enters them.
+count over all of a document's runs (``pooled``: what the projection draws from), and each
+measured run is checked with its own over its group's (``overlaid``); no end-to-end latency
+enters them.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ from bench.fleet_sim_inputs import ServiceTimes
 from bench.netem import PROFILES, LinkShape
 from shared.planner import HTTP_OVERHEAD_BYTES, RESPONSE_BYTES
 
-__all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "pooled",
-           "run_summary", "service_times", "summary_json"]
+__all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "overlaid",
+           "pooled", "run_summary", "service_times", "summary_json"]
 
 ALONE_PARTS = ("compute_alone_ms", "decode_alone_ms", "overhead_alone_ms")
 SIZED_PARTS = ("compute_ms", "compute_drain_ms", "decode_ms", "overhead_ms", "queue_ms")
@@ -275,6 +277,43 @@ def pooled(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         for n, hist in served.get("device_lag_ms", {}).items():
             _merge(group.setdefault("device_lag_ms", {}).setdefault(n, _new()), hist)
     return out
+
+
+def overlaid(run: Mapping[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
+    """One run's own answers (its ``fleet.json`` row's ``served``) over its group's pool
+    (``pooled``): per part, candidate and class (batch size, cold, alone), the run's histogram
+    where it holds ``MIN_BATCHES`` answers or more, else the group's (what ``auto`` never
+    chose, a cold start a busy run never had). The emulator's lateness stays the group's (per
+    fleet size already).
+
+        >>> few = {"count": 1, "sum_ms": 9.0, "bins": {"38": 1}}
+        >>> many = {"count": 3, "sum_ms": 60.0, "bins": {"52": 3}}
+        >>> run = {"served": {"idle_s": IDLE_S, "compute_ms": {"cloud": {"1": many, "2": few}}}}
+        >>> group = {"compute_ms": {"cloud": {"1": few, "2": many}}}
+        >>> mixed = overlaid(run, group)["compute_ms"]["cloud"]
+        >>> mixed["1"]["sum_ms"], mixed["2"]["sum_ms"]
+        (60.0, 60.0)
+    """
+    own = _reclassed(run, run.get("served") or {})
+    out: dict[str, Any] = {k: v for k, v in group.items()
+                           if k not in (*SIZED_PARTS, *ALONE_PARTS)}
+    for part in SIZED_PARTS:
+        mine, pool = own.get(part, {}), group.get(part, {})
+        out[part] = {cand: {n: _either(mine.get(cand, {}).get(n), pool.get(cand, {}).get(n))
+                            for n in {*mine.get(cand, {}), *pool.get(cand, {})}}
+                     for cand in {*mine, *pool}}
+    for part in ALONE_PARTS:
+        mine, pool = own.get(part, {}), group.get(part, {})
+        out[part] = {cand: _either(mine.get(cand), pool.get(cand)) for cand in {*mine, *pool}}
+    return out
+
+
+def _either(mine: Hist | None, pool: Hist | None) -> Hist:
+    """The run's histogram if it has enough answers, else the pool's (else the run's few)."""
+    if mine is not None and int(mine["count"]) >= MIN_BATCHES or pool is None:
+        assert mine is not None
+        return mine
+    return pool
 
 
 def _reclassed(run: Mapping[str, Any], served: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(
             "listening on %s with no API key: anyone who can reach port %d can use this service;"
             " set SPLITSERVE_API_KEYS, or bind 127.0.0.1", settings.host, settings.port)
-    serve(create_app(settings), settings)
+    serve(create_app(settings, freeze_heap=True), settings)  # this process is the app's
     return 0
 
 

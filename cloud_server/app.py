@@ -21,13 +21,18 @@ from shared.schemas import OipRequest
 __all__ = ["create_app"]
 
 
-def create_app(settings: Settings | None = None, *, loader: Loader | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, loader: Loader | None = None,
+               freeze_heap: bool = False) -> FastAPI:
     """Build the app. ``loader(name, weights)`` replaces model loading in tests.
+    ``freeze_heap``: once the models have loaded, keep what is alive out of the garbage
+    collector's walks (``cloud_server.memory.freeze_heap``); for the process that serves the
+    app and nothing else (``python -m cloud_server``, a Ray Serve replica), not for a test
+    process that builds many apps.
 
         >>> app = create_app(Settings(models=("resnet18",)))
     """
     settings = settings or get_settings()
-    service = Service(settings, loader)
+    service = Service(settings, loader, freeze_heap=freeze_heap)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

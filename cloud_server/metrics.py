@@ -44,6 +44,9 @@ class Metrics:
             "splitserve_bundle_requests", "Bundle downloads by model and status (200 sent, "
             "304 the device's copy was current, 503 still being exported)",
             ["model", "status"], registry=r)
+        self.frozen_objects = Gauge(
+            "splitserve_gc_frozen_objects", "Objects alive once the models loaded, moved out "
+            "of the garbage collector's reach (gc.freeze)", registry=r)
         self.queue_depth = Gauge(
             "splitserve_queue_depth", "Requests waiting for a forward pass", registry=r)
         self.queue_depth.set_function(queue_depth)

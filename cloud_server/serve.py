@@ -38,7 +38,7 @@ DEPLOYMENT_NAME = "SplitServe"
 
 def _build_fastapi_app() -> FastAPI:
     # Called in the replica: Settings() reads the replica's SPLITSERVE_* environment.
-    return create_app(Settings())
+    return create_app(Settings(), freeze_heap=True)  # the replica's process is the app's
 
 
 LOAD_WAIT_S = 900.0  # the longest a replica may take to load its models before Serve gives up

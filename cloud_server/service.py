@@ -13,7 +13,7 @@ import torch
 from fastapi import Depends, Request
 
 from cloud_server.batching import Batcher, BatchResult
-from cloud_server.memory import IdleTrimmer, ImageBudget
+from cloud_server.memory import IdleTrimmer, ImageBudget, freeze_heap
 from cloud_server.metrics import Metrics
 from cloud_server.runtime import ModelRuntime, load_runtime
 from cloud_server.settings import Settings
@@ -33,8 +33,10 @@ class Service:
     """Loads models in a background thread, so liveness answers at once and readiness says 503
     until every model is loaded, warmed up and profiled."""
 
-    def __init__(self, settings: Settings, loader: Loader | None = None) -> None:
+    def __init__(self, settings: Settings, loader: Loader | None = None, *,
+                 freeze_heap: bool = False) -> None:
         self.settings = settings
+        self.freeze_heap = freeze_heap  # after loading: memory.freeze_heap
         self.runtimes: dict[str, ModelRuntime] = {}
         self.load_error: str | None = None
         self.queue_ms = 0.0
@@ -77,6 +79,8 @@ class Service:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading models failed: %s", self.load_error)
             return
+        if self.freeze_heap:  # before the first request (memory.freeze_heap says why)
+            self.metrics.frozen_objects.set(freeze_heap())
         self._ready.set()
         log.info("ready in %.1f s: %s", time.perf_counter() - started, ", ".join(self.runtimes))
 

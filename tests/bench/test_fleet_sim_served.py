@@ -225,6 +225,24 @@ def test_served_inputs_drive_validate_without_measuring_anything(tmp_path: Path)
     assert "by_round" not in alone  # one window: nothing to compare round by round
 
 
+def test_validate_simulates_each_run_with_its_own_answers(tmp_path: Path) -> None:
+    # two runs of one deployment, the second in a minute when the machine ran 3x slower: each
+    # is checked with its own forward passes, not with their average
+    def run(devices: int, compute_ms: float) -> dict[str, Any]:
+        answers = [_answer(i % 8, t / 8, compute_ms=compute_ms) for i, t in enumerate(range(88))]
+        return {"engine": "uvicorn", "replicas": 1, "policy": SPLIT, "devices": devices,
+                "p50_ms": 60.0, "p95_ms": 60.0, "duration_s": 10.0,
+                "served": served.run_summary(answers, _spec(devices, (1.0, 11.0)), HEADS)}
+
+    doc = {"inputs": _inputs_doc(), "runs": [run(8, 10.0), run(9, 30.0)]}
+    fast, slow = validate(doc, cache_dir=tmp_path)["runs"]
+    assert slow["simulated_p50_ms"] - fast["simulated_p50_ms"] == pytest.approx(20.0, rel=0.15)
+    # what a run never saw comes from its group's pool: both runs' passes, 10 and 30 ms
+    unseen = {**run(10, 10.0), "served": {"idle_s": served.IDLE_S}}
+    pooled = validate({**doc, "runs": [*doc["runs"], unseen]}, cache_dir=tmp_path)["runs"][2]
+    assert fast["simulated_p50_ms"] < pooled["simulated_p50_ms"] < slow["simulated_p50_ms"]
+
+
 def test_validate_compares_a_run_s_rounds_one_by_one(tmp_path: Path) -> None:
     doc = _served_doc(70.0)
     rounds = [{"photos": 27, "p50_ms": 60.0, "p95_ms": 60.0}] * 2

@@ -158,6 +158,8 @@ def test_batching_under_concurrent_load_and_metrics_move(device_runtime: DeviceR
     assert _metric(after, "splitserve_decode_seconds_sum", **labels) > 0
     assert _metric(after, "splitserve_received_bytes_total", **labels) > 16 * 1000
     assert "splitserve_queue_depth " in after
+    # the models, torch and onnxruntime, frozen out of the collector's walks once loaded
+    assert _metric(after, "splitserve_gc_frozen_objects") > 10_000
 
 
 def test_full_queue_answers_503_with_retry_after_at_once(device_runtime: DeviceRuntime) -> None:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from cloud_server.memory import TRIM_MIN_FREE_BYTES, IdleTrimmer, free_heap_bytes
+from cloud_server.memory import TRIM_MIN_FREE_BYTES, IdleTrimmer, free_heap_bytes, freeze_heap
 
 
 def _quiet_spells(trimmer: IdleTrimmer, spells: int) -> IdleTrimmer:
@@ -40,3 +40,24 @@ def test_one_trim_per_quiet_spell_when_worth_it(free: int | None, trims: int,
 def test_free_heap_is_known_on_glibc() -> None:
     free = free_heap_bytes()
     assert free is None or free >= 0
+
+
+def test_the_heap_alive_after_loading_is_frozen_out_of_collections() -> None:
+    import gc
+
+    kept = [[i] for i in range(1000)]  # alive now, as the loaded models are
+    try:
+        frozen = freeze_heap()
+        assert frozen == gc.get_freeze_count() >= len(kept)
+    finally:
+        gc.unfreeze()  # this test process builds many apps: keep collecting them
+
+
+def test_an_app_built_in_a_test_process_freezes_nothing() -> None:
+    import gc
+
+    from cloud_server.app import create_app
+    from cloud_server.settings import Settings
+
+    app = create_app(Settings(models=("resnet18",)))
+    assert app.state.service.freeze_heap is False and gc.get_freeze_count() == 0
