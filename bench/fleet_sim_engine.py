@@ -246,7 +246,9 @@ class _Sim:
         self.rng = random.Random(seed)
         svc = inputs.service
         cands = inputs.candidates()
-        self.profiled = {c: svc.server_ms(c) for c in cands if c != DEVICE}
+        # the start-up profile the replicas publish: the deployment's own if it was recorded
+        published = inputs.published_ms.get(group_key(engine, replicas), {})
+        self.profiled = {c: published.get(c, svc.server_ms(c)) for c in cands if c != DEVICE}
         self.samplers = {c: svc.sampler(c, inputs.batch_max) for c in self.profiled}
         self.request_ms = {c: svc.request_ms(c) for c in self.profiled}
         self.decode_ms = {c: svc.decode_ms.get(c, 0.0) for c in self.profiled}
@@ -308,7 +310,8 @@ class _Sim:
 
     def server_costs(self) -> ServerCosts:
         """A replica's ``cloud_server.costs.ServerCosts`` on the simulation's clock, profiled
-        with the service times' lone request (decode, batch-1 compute)."""
+        with what the deployment published at start-up (``inputs.published_ms``), else with the
+        service times' lone request (decode, batch-1 compute)."""
         costs = ServerCosts(clock=lambda: self.now / 1e3)
         costs.set_profile(decode_ms=self.decode_ms, compute_ms={
             c: max(0.0, ms - self.decode_ms[c]) for c, ms in self.profiled.items()})

@@ -199,6 +199,9 @@ class FleetInputs:
     # deployment ("uvicorn/1", "ray-serve/2") -> a device's start-up, each request's round
     # trip timed alone: metadata_ms, probe_small_ms, probe_large_ms (bench.fleet_startup)
     startup_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # deployment -> what its idle service published per candidate (metadata server_ms): the
+    # start-up profile each simulated replica publishes until answers move it
+    published_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.period_ms <= 0 or self.batch_max < 1 or self.batch_wait_ms < 0:
@@ -239,7 +242,9 @@ class FleetInputs:
                 timeout_ms=float(inputs.get("timeout_s", 10.0)) * 1e3,
                 tail_ms={k: float(v) for k, v in inputs.get("tail_ms", {}).items()},
                 startup_ms={group: {k: float(v) for k, v in costs.items() if k in STARTUP_KEYS}
-                            for group, costs in inputs.get("startup_ms", {}).items()})
+                            for group, costs in inputs.get("startup_ms", {}).items()},
+                published_ms={group: {k: float(v) for k, v in costs.get("server_ms", {}).items()}
+                              for group, costs in inputs.get("startup_ms", {}).items()})
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"fleet inputs: missing or bad {exc}") from exc
 

@@ -329,8 +329,11 @@ def test_two_policies_take_turns_against_the_real_service(live_service: LocalSer
 def test_a_device_s_start_up_is_timed_against_the_real_service(live_service: LocalService
                                                                 ) -> None:
     costs = asyncio.run(startup_ms(live_service.url, MODEL, requests=3))
-    assert set(costs) == {"metadata_ms", "probe_small_ms", "probe_large_ms", "requests"}
+    assert set(costs) == {"metadata_ms", "probe_small_ms", "probe_large_ms", "requests",
+                          "server_ms"}
     assert costs["requests"] == 3
+    # the idle service's start-up profile: the whole model dearer than its late tail
+    assert costs["server_ms"][CLOUD] > costs["server_ms"]["_blocks.15"] > 0
     assert all(costs[k] > 0 for k in ("metadata_ms", "probe_small_ms", "probe_large_ms"))
     with pytest.raises(ValueError, match="requests must be >= 1"):
         asyncio.run(startup_ms(live_service.url, MODEL, requests=0))

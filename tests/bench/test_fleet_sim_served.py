@@ -477,6 +477,10 @@ def test_auto_s_start_up_costs_the_loop_what_the_deployment_measured() -> None:
     # another deployment's figures are not this one's
     other = simulate(inputs, "auto", devices=8, seed=0, duration_s=5.0, replicas=2)
     assert other.choices.get(SPLIT, 0) > 0
+    # what the idle deployment published is what its replicas publish until answers move it
+    doc["inputs"]["startup_ms"] = {"uvicorn/1": {"server_ms": {SPLIT: 500.0}}}
+    shunned = simulate(load_inputs(doc), "auto", devices=8, seed=0, duration_s=5.0)
+    assert set(shunned.choices) == {DEVICE}
 
 
 def test_auto_learns_the_service_speed_from_answers() -> None:
