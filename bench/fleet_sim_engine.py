@@ -292,6 +292,7 @@ class _Sim:
         self.alone_compute = svc.alone_compute_draws
         self.alone_decode = svc.alone_decode_draws
         self.drain = svc.drain_compute_draws
+        self.warmup = svc.warmup_compute_draws
         # AutoSplit's start-up: the metadata (a GET), then the probe's four uploads
         self.probe_up_ms = [[lk.rtt_ms / 2 + lk.up_ms(b + HTTP_OVERHEAD_BYTES)
                              for b in (0, *PROBE_BYTES)] for lk in links]
@@ -420,6 +421,8 @@ class _Sim:
         samples, scale = self.samplers[key][n]
         if n == 1 and batch[0][1][5] and key in self.cold:  # a lone request on an idle replica
             samples, scale = self.cold[key], 1.0
+        elif self.now < self.t0 and n in self.warmup.get(key, {}):  # the warm-up's passes
+            samples, scale = self.warmup[key][n], 1.0
         elif n == 1 and self.in_service and batch[0][1][11] and key in self.alone_compute \
                 and sum(rep.inflight for rep in self.reps) == 1:  # still the service's only one
             samples, scale = self.alone_compute[key], 1.0

@@ -80,6 +80,10 @@ class ServiceTimes:
     # as ``batch_ms``
     drain_compute_draws: Mapping[str, Mapping[int, tuple[float, ...]]] = field(
         default_factory=dict)
+    # candidate -> batch size -> a forward pass of the warm-up, before the first window
+    # (``compute_warmup_ms``); sizes not measured run as ``batch_ms``
+    warmup_compute_draws: Mapping[str, Mapping[int, tuple[float, ...]]] = field(
+        default_factory=dict)
 
     def __post_init__(self) -> None:
         for cand, sizes in self.batch_ms.items():
@@ -146,6 +150,7 @@ class ServiceTimes:
                 **({"decode_draws": _sizes_json(self.decode_draws),
                     "overhead_draws": _sizes_json(self.overhead_draws),
                     "drain_compute_draws": _sizes_json(self.drain_compute_draws),
+                    "warmup_compute_draws": _sizes_json(self.warmup_compute_draws),
                     "cold_draws": {c: list(xs) for c, xs in self.cold_draws.items()},
                     **{name: {c: list(xs) for c, xs in getattr(self, name).items()}
                        for name in ("alone_compute_draws", "alone_decode_draws",

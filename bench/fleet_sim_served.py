@@ -17,6 +17,12 @@ exactly):
   ran 16 rows in ~205 ms while requests kept arriving, and its drain faster. Every answer of
   a window's span counts (``bench.fleet_rounds.answer_spans``: to its photos' last answer);
   the simulation draws a batch that starts between windows from this class;
+* ``compute_warmup_ms[candidate][batch size]``: the forward passes answered before the first
+  window, in the warm-up: on a fresh deployment the first passes at each batch size
+  (onnxruntime plans memory for every new input shape) took 3-8x a warmed one's per row, and
+  one Ray Serve replica's ``cloud`` at 32 devices, the first policy of its size, carried the
+  backlog they built into its first window (p95 1,663 ms there, 650-870 in the next three);
+  the simulation draws a batch that starts in the warm-up from this class;
 * ``decode_ms[candidate][batch size]``: each request's decode (frame unpack, or JPEG decode
   and crop), by the size of the batch it then rode in;
 * ``overhead_ms[candidate][batch size]``: the round trip less the service's three times and
@@ -73,7 +79,8 @@ __all__ = ["BINS_PER_DECADE", "device_lag", "draws", "group_key", "link_ms", "ov
            "pooled", "run_summary", "service_times", "summary_json"]
 
 ALONE_PARTS = ("compute_alone_ms", "decode_alone_ms", "overhead_alone_ms")
-SIZED_PARTS = ("compute_ms", "compute_drain_ms", "decode_ms", "overhead_ms", "queue_ms")
+SIZED_PARTS = ("compute_ms", "compute_drain_ms", "compute_warmup_ms", "decode_ms", "overhead_ms",
+               "queue_ms")
 IDLE_S = 0.3  # idle this long (no request in flight), the next request runs cold (above)
 BINS_PER_DECADE = 40  # bins 6% wide: a drawn time is within 3% of the one measured
 MIN_BATCHES = 3  # a batch size seen fewer times is interpolated from its neighbours
@@ -141,13 +148,14 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
     decode: dict[str, dict[str, Hist]] = {}
     overhead: dict[str, dict[str, Hist]] = {}
     queue: dict[str, dict[str, Hist]] = {}
-    batches: set[tuple[str, int, float]] = set()
+    batches: set[tuple[str | int | float, ...]] = set()
     cold = _cold(records, inputs)
     alone = _alone(records, inputs)
     compute_alone: dict[str, Hist] = {}
     decode_alone: dict[str, Hist] = {}
     overhead_alone: dict[str, Hist] = {}
     compute_drain: dict[str, dict[str, Hist]] = {}
+    compute_warmup: dict[str, dict[str, Hist]] = {}
     spans = list(zip(windows, answer_spans(records, windows), strict=True))
     for i, r in enumerate(records):
         if not r.served or r.compute_ms is None:
@@ -155,6 +163,11 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
         # the window whose span (its drain included) the answer arrived in
         window = next(((w0, w1) for (w0, w1), (a, b) in spans if a <= r.done_s <= b), None)
         if window is None:
+            warm = (r.candidate, int(r.batch_size or 1), r.compute_ms)
+            if windows and r.done_s < windows[0][0] and ("warm-up", *warm) not in batches:
+                batches.add(("warm-up", *warm))  # before the first window: the warm-up's
+                _add(compute_warmup.setdefault(warm[0], {}).setdefault(str(warm[1]), _new()),
+                     r.compute_ms)
             continue
         cand, n = r.candidate, 0 if i in cold else int(r.batch_size or 1)
         _add(queue.setdefault(cand, {}).setdefault(str(n), _new()), r.queue_ms)
@@ -177,7 +190,8 @@ def run_summary(records: Iterable[Any], spec: Any, inputs: Any,
             extra = r.round_trip_ms - server_ms - link_ms(PROFILES[r.link], r.request_bytes or 0)
             _add(overhead_alone.setdefault(cand, _new()) if lone
                  else overhead.setdefault(cand, {}).setdefault(str(n), _new()), max(0.0, extra))
-    return {"compute_ms": compute, "compute_drain_ms": compute_drain, "decode_ms": decode,
+    return {"compute_ms": compute, "compute_drain_ms": compute_drain,
+            "compute_warmup_ms": compute_warmup, "decode_ms": decode,
             "overhead_ms": overhead, "compute_alone_ms": compute_alone,
             "decode_alone_ms": decode_alone, "overhead_alone_ms": overhead_alone,
             "queue_ms": queue,
@@ -401,10 +415,14 @@ def service_times(group: Mapping[str, Any]) -> ServiceTimes:
     # a drain's batch sizes as measured, none interpolated: the others run as in the window
     drain = {c: {int(n): draws(h) for n, h in sizes.items() if int(h["count"]) >= MIN_BATCHES}
              for c, sizes in group.get("compute_drain_ms", {}).items() if c in batch_ms}
+    # the warm-up's every batch size seen, however few: a fresh deployment's first passes
+    warmup = {c: {int(n): draws(h) for n, h in sizes.items() if int(h["count"]) > 0}
+              for c, sizes in group.get("compute_warmup_ms", {}).items() if c in batch_ms}
     return ServiceTimes(batch_ms, {c: _mean(sizes) for c, sizes in decode.items()},
                         spread=True, in_service=True, decode_draws=decode,
                         overhead_draws=overhead, cold_draws=cold,
                         drain_compute_draws={c: d for c, d in drain.items() if d},
+                        warmup_compute_draws={c: d for c, d in warmup.items() if d},
                         alone_compute_draws=lone["compute_alone_ms"],
                         alone_decode_draws=lone["decode_alone_ms"],
                         alone_overhead_draws=lone["overhead_alone_ms"])

@@ -433,6 +433,27 @@ def test_a_drain_draws_its_own_forward_passes() -> None:
     assert drained.ok == slow.ok and drained.p95_ms < slow.p95_ms * 0.8
 
 
+def test_the_warm_up_draws_the_warm_up_s_own_forward_passes() -> None:
+    # before the window (1 s on): a fresh deployment's first passes, 10x a warm one's
+    records = [_answer(t % 8, t / 40, compute_ms=50.0 * b, batch=b) for t in range(12)
+               for b in (1, 2, 4)]
+    records += [_answer(t % 8, 1.0 + t / 8, compute_ms=5.0 * b, batch=b) for t in range(80)
+                for b in (1, 2, 4)]
+    summary = served.run_summary(records, _spec(8, (1.0, 11.0)), HEADS)
+    assert _mean(summary["compute_warmup_ms"][SPLIT]["4"]) == pytest.approx(200.0, rel=0.04)
+    assert _mean(summary["compute_ms"][SPLIT]["4"]) == pytest.approx(20.0, rel=0.04)
+    doc = {"inputs": _inputs_doc(), "runs": [
+        {"engine": "uvicorn", "replicas": 1, "policy": SPLIT, "devices": 8, "p50_ms": 80.0,
+         "p95_ms": 80.0, "duration_s": 10.0, "served": summary}]}
+    inputs = load_inputs(doc)
+    assert set(inputs.service.warmup_compute_draws[SPLIT]) == {1, 2, 4}
+    # 150 devices: the warm-up's slow passes leave a backlog the window starts with
+    slow = simulate(inputs, "middle", devices=150, seed=0, duration_s=2.0)
+    warm = simulate(replace(inputs, service=replace(inputs.service, warmup_compute_draws={})),
+                    "middle", devices=150, seed=0, duration_s=2.0)
+    assert slow.p50_ms > warm.p50_ms
+
+
 def test_rounds_let_the_queue_drain_between_windows() -> None:
     inputs = load_inputs(_loop_bound_doc())
     one = simulate(inputs, "middle", devices=150, seed=0, duration_s=4.0)
