@@ -9,13 +9,14 @@ fleet's runs against it.
 The fleet simulation charges them to a replica's event loop for each simulated device's
 start-up (``bench.fleet_sim_engine``), where they queue like requests: 32 devices starting
 within a second put 160 such requests on the service. Behind Ray Serve's proxy a probe upload
-took 13-15 ms on its own against uvicorn's 1.5 ms (this machine, one replica), and 32 devices'
-start-ups read their links as hundreds of ms slow there (the first photo of a LAN device 0.3-0.8
-s late against uvicorn's 0.06), so every device planned ``device``; a probe costed as half an
-inference request's overhead (the older ``PROBE_SHARE`` guess, still used for a ``fleet.json``
-without these figures) read them as fast and sent a third of the photos to ``cloud``. The whole
-serial round trip is charged: on an idle deployment all of it is some process's work on the
-path (client, proxy, replica), an upper bound on the replica's own share.
+took 13.5-18 ms on its own against uvicorn's 1.6-3.2 ms (this machine, ``bench fleet``'s runs),
+and 32 devices' start-ups read their links as hundreds of ms slow there (the first photo of a
+LAN device 0.3-0.8 s late against uvicorn's 0.06), so every device planned ``device``; a
+probe costed as half an inference request's overhead (the older ``PROBE_SHARE`` guess, still
+used for a ``fleet.json`` without these figures) read them as fast and sent a third of the
+photos to ``cloud``. The whole serial round trip is charged: on an idle deployment all of it
+is some process's work on the path (client, proxy, replica), an upper bound on the replica's
+own share.
 
 It also keeps what the idle service publishes (the metadata's ``server_ms`` per candidate: its
 start-up profile, before any answer moved it), which the simulated replicas publish until

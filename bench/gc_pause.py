@@ -3,14 +3,15 @@
     python -m bench gc-pause --out /tmp/gc
     python -m bench gc-pause --repeats 20
 
-Builds the service's app in this process as ``python -m cloud_server`` does (its SPLITSERVE_*
-settings, the onnxruntime backend, ``--models``), runs its lifespan until the models have
-loaded, and times ``--repeats`` full collections (``gc.collect()``: generation 2, what Python
-runs now and then as objects survive) with the heap as loading left it; then freezes it as the
-service does once loaded (``cloud_server.memory.freeze_heap``) and times as many again. A
-collection holds the GIL: the event loop, decodes and the batcher wait for it, and so does
-every request in flight. Writes ``gc_pause.json``, ``gc_pause.md`` and ``gc_pause.png`` to
-``--out`` (default ``bench/results``).
+Builds the service's app in a Python process of its own, importing what ``python -m
+cloud_server`` imports and no more (its SPLITSERVE_* settings, the onnxruntime backend,
+``--models``), runs its lifespan until the models have loaded, and times ``--repeats`` full
+collections (``gc.collect()``: generation 2, what Python runs now and then as objects survive)
+with the heap as loading left it; then freezes it as the service does once loaded
+(``cloud_server.memory.freeze_heap``) and times as many again. A collection holds the GIL: the
+event loop, decodes and the batcher wait for it, and so does every request in flight. Writes
+``gc_pause.json``, ``gc_pause.md`` and ``gc_pause.png`` to ``--out`` (default
+``bench/results``).
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.stats import percentile
 from cloud_server.app import create_app
 from cloud_server.memory import freeze_heap
 from cloud_server.settings import Settings
-from shared import cliargs
+from shared.errors import SplitServeError
 
 __all__ = ["add_arguments", "run"]
 
@@ -38,6 +41,8 @@ LOAD_TIMEOUT_S = 600.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from shared import cliargs
+
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     p.add_argument("--models", default=MODEL, help=f"models the service loads (default {MODEL})")
     p.add_argument("--repeats", type=cliargs.integer(at_least=1), default=10,
@@ -45,10 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_measure(args.models, args.repeats))
+    child = subprocess.run([sys.executable, "-m", "bench.gc_pause", args.models,
+                            str(args.repeats)], capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SplitServeError(f"the service's process failed: {tail}")
+    rows = json.loads(child.stdout.strip().splitlines()[-1])
     doc = {"models": args.models, "repeats": args.repeats, "python": platform.python_version(),
            "host": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
            "results": rows}
+    from bench import report  # here, not in the service's process: rich and matplotlib
+
     headers = ["heap", "objects walked", "full collection p50 ms", "max ms"]
     table = [[r["heap"], f"{r['objects']:,}", f"{r['p50_ms']:.1f}", f"{r['max_ms']:.1f}"]
              for r in rows]
@@ -86,12 +98,18 @@ def _collections(heap: str, repeats: int) -> dict[str, Any]:
         gc.collect()
         times_ms.append((time.perf_counter() - started) * 1e3)
     return {"heap": heap, "objects": walked, "frozen": gc.get_freeze_count(),
-            "p50_ms": round(percentile(times_ms, 50), 3), "max_ms": round(max(times_ms), 3)}
+            "p50_ms": round(statistics.median(times_ms), 3), "max_ms": round(max(times_ms), 3)}
 
 
 def _chart(rows: list[dict[str, Any]]) -> Any:
+    from bench import report
+
     fig, (ax,) = report.new_figure(size_in=(7.0, 4.0))
     ax.bar([r["heap"] for r in rows], [r["p50_ms"] for r in rows], color=["#c44e52", "#4c72b0"])
     ax.set_ylabel("full collection, p50 ms (GIL held)")
     ax.set_title("gc.collect() in the service's process")
     return fig
+
+
+if __name__ == "__main__":  # the service's process (run): MODELS REPEATS -> one JSON line
+    print(json.dumps(asyncio.run(_measure(sys.argv[1], int(sys.argv[2])))))

@@ -48,11 +48,10 @@ def free_heap_bytes() -> int | None:
 def freeze_heap() -> int:
     """After a full collection, move every object alive now out of the cyclic garbage
     collector's reach (``gc.freeze``) and return how many that is. Called once the models have
-    loaded: torch, onnxruntime and the models' graphs live as long as the process, ~200k
+    loaded: torch, onnxruntime and the models' graphs live as long as the process, ~340k
     objects that every full (generation 2) collection otherwise walked, holding the GIL for
-    ~130 ms, so the event loop, every decode and the batcher stalled that long whenever one
-    ran (``bench fleet`` saw queues build behind such stalls). Collections then walk only what
-    requests allocate."""
+    ~220 ms (``python -m bench gc-pause``), so the event loop, every decode and the batcher
+    stalled that long whenever one ran. Collections then walk only what requests allocate."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
