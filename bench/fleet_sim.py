@@ -313,8 +313,11 @@ def run_cli(args: argparse.Namespace) -> int:
     else:
         doc = {"inputs": default_inputs_doc()}
         origin = "bench/results (latency.json device profile, service.json HTTP cost)"
-    # real devices, each on its own CPU: none of the emulator's timer lateness
-    inputs = replace(load_inputs(doc, out), device_lag_ms={})
+    # real devices, each on its own CPU: none of the emulator's timer lateness; and a steady
+    # state: none of a fresh deployment's first passes (the runs' warm-up class)
+    inputs = load_inputs(doc, out)
+    inputs = replace(inputs, device_lag_ms={},
+                     service=replace(inputs.service, warmup_compute_draws={}))
     runs = [r for r in doc.get("runs", []) if _usable(r)]
     validation = None
     if runs:
