@@ -78,7 +78,7 @@ LOOP_SHARE = 1.0
 # without the deployment's measured start-up (inputs.startup_ms, bench.fleet_startup; an older
 # fleet.json): a probe upload's loop CPU against a request's (read a body, answer a few bytes:
 # no decode hand-off, no batch), and the metadata's (a JSON answer like an inference's). A
-# guess: behind Ray Serve's proxy a probe measured 1.5x an inference's loop CPU, not 0.5x.
+# guess, and a low one behind Ray Serve's proxy (bench.fleet_startup has the measured figures).
 PROBE_SHARE = 0.5
 META_SHARE = 1.0
 # [device, candidate, start ms, photo ms, still awaited by the device, found the replica idle]

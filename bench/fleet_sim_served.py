@@ -18,8 +18,9 @@ exactly):
   a window's span counts (``bench.fleet_rounds.answer_spans``: to its photos' last answer);
   the simulation draws a batch that starts between windows from this class;
 * ``compute_warmup_ms[candidate][batch size]``: the forward passes answered before the first
-  window, in the warm-up: on a fresh deployment the first passes at each batch size
-  (onnxruntime plans memory for every new input shape) took 3-8x a warmed one's per row, and
+  window, in the warm-up: on a fresh deployment its passes in batches of 2-5 took 32-85 ms a
+  row against 24-31 in the 16-row batches after (likely onnxruntime's first pass at each new
+  batch size), and
   one Ray Serve replica's ``cloud`` at 32 devices, the first policy of its size, carried the
   backlog they built into its first window (p95 1,663 ms there, 650-870 in the next three);
   the simulation draws a batch that starts in the warm-up from this class;
